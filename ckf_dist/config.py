@@ -1,0 +1,566 @@
+"""Typed configuration for every stage (data -> cf -> model -> train -> eval) and `load_config`.
+
+One YAML per experiment plus dotted overrides (`train.lr=2e-4`). Every problem -- unknown keys,
+wrong types, values out of range, contradictions between sections -- is collected and reported at
+once in a single `ConfigError`, each line naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ckf_dist.tasks import TASKS
+
+
+class ConfigError(ValueError):
+    """All problems found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        head = f"invalid configuration{f' ({source})' if source else ''}: {len(problems)} problem(s)"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    num_users: int = 200
+    """Users in the generated dataset."""
+    num_items: int = 120
+    """Items in the generated dataset."""
+    latent_dim: int = 4
+    """Dimension of the hidden user/item factors the ratings and texts are generated from."""
+    min_interactions: int = 4
+    """Fewest interactions per user (some users stay sparse, i.e. cold)."""
+    max_interactions: int = 30
+    """Most interactions per user."""
+    noise: float = 0.5
+    """Std of the Gaussian noise added to the latent affinity before it is cut into ratings 1-5."""
+
+    def problems(self, p: str) -> list[str]:
+        out = []
+        for name in ("num_users", "num_items", "latent_dim", "min_interactions"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_interactions < self.min_interactions:
+            out.append(f"{p}.max_interactions ({self.max_interactions}) must be >= min_interactions "
+                       f"({self.min_interactions})")
+        if self.min_interactions < 3:
+            out.append(f"{p}.min_interactions must be >= 3 (leave-last-out needs train, valid and test)")
+        if self.max_interactions > self.num_items:
+            out.append(f"{p}.max_interactions ({self.max_interactions}) cannot exceed num_items ({self.num_items})")
+        if self.noise < 0:
+            out.append(f"{p}.noise must be >= 0, got {self.noise}")
+        return out
+
+
+@dataclass
+class ColumnMap:
+    """Column names of a generic Parquet/CSV interaction table (data.source = 'table')."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: str = "rating"
+    timestamp: str = "timestamp"
+    review: str | None = None
+    """Optional review-text column (needed for the explanation task)."""
+    title: str | None = None
+    """Optional item-title column."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "ml-100k", "ml-1m", "amazon", "table"] = "synthetic"
+    """Which reader to use. 'synthetic' generates data from `synthetic`; the others read `path`."""
+    path: str | None = None
+    """Raw data location (a folder for MovieLens, a .json/.json.gz file for Amazon, a file for 'table')."""
+    metadata_path: str | None = None
+    """Optional Amazon metadata file (JSON lines with asin + title) for readable item titles."""
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    """Column mapping for source='table'."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    prepared_dir: str = "runs/data"
+    """Where the prepared interactions, id maps, prompt shards and manifest are written/read."""
+    seed: int = 0
+    """Seed for negatives, candidates and shuffles: same input + seed -> byte-identical shards."""
+    k_core: int = 0
+    """Iteratively drop users and items with fewer interactions than this (0 = off)."""
+    cold_threshold: int = 5
+    """A user with <= this many training interactions is 'cold'."""
+    history_len: int = 10
+    """Most recent training items shown in a prompt's history (and fed to the MetaNet)."""
+    like_threshold: float = 4.0
+    """CTR label: rating >= like_threshold is a like."""
+    ctr_negatives: int = 1
+    """Sampled non-interacted items per positive CTR sample."""
+    num_candidates: int = 10
+    """Top-K candidates per sample: the target plus num_candidates - 1 sampled non-interacted items."""
+    max_explanation_words: int = 30
+    """Explanation targets (review text) are cut to this many words."""
+    train_windows_per_user: int = 0
+    """Training prompts per user and task from sliding windows over the training history (0 = all)."""
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """Tasks to build prompts for (explanation needs review text)."""
+    shard_size: int = 2000
+    """Samples per WebDataset shard."""
+    ray_num_cpus: int = 8
+    """Logical CPUs given to a local Ray (more than physical, or data tasks starve on small machines)."""
+    ray_object_store_mb: int = 512
+    """Object store cap in MiB (small /dev/shm)."""
+
+    def problems(self, p: str) -> list[str]:
+        out = self.synthetic.problems(f"{p}.synthetic") if self.source == "synthetic" else []
+        if self.source != "synthetic" and not self.path:
+            out.append(f"{p}.path is required when {p}.source={self.source!r}")
+        if bad := [t for t in self.tasks if t not in TASKS]:
+            out.append(f"{p}.tasks has unknown task(s) {bad}; allowed: {list(TASKS)}")
+        if not self.tasks:
+            out.append(f"{p}.tasks must name at least one task")
+        if self.source == "ml-100k" or self.source == "ml-1m":
+            if "exp" in self.tasks:
+                out.append(f"{p}.tasks contains 'exp' but {p}.source={self.source!r} has no review text; "
+                           f"drop 'exp' or use source 'amazon'/'synthetic'")
+        for name in ("history_len", "num_candidates", "max_explanation_words", "shard_size", "ray_num_cpus",
+                     "ray_object_store_mb"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_candidates < 2:
+            out.append(f"{p}.num_candidates must be >= 2 (target + at least one negative)")
+        for name in ("ctr_negatives", "cold_threshold", "k_core", "train_windows_per_user"):
+            if getattr(self, name) < 0:
+                out.append(f"{p}.{name} must be >= 0, got {getattr(self, name)}")
+        if not 1.0 <= self.like_threshold <= 5.0:
+            out.append(f"{p}.like_threshold must be within the rating scale [1, 5], got {self.like_threshold}")
+        return out
+
+
+@dataclass
+class CFConfig:
+    model: Literal["mf", "bpr", "lightgcn"] = "mf"
+    """'mf' = biased MF on explicit ratings (MSE); 'bpr' = BPR-MF (implicit); 'lightgcn' = LightGCN (BPR)."""
+    dim: int = 8
+    """Embedding size d (8 to 256)."""
+    epochs: int = 30
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    """L2 regularisation (applied to the embeddings of the batch)."""
+    batch_size: int = 1024
+    """Global batch size (split over workers)."""
+    num_layers: int = 2
+    """LightGCN propagation layers."""
+    patience: int = 5
+    """Early stopping: epochs without validation improvement before stopping."""
+    seed: int = 0
+    workers: int = 1
+    """Data-parallel workers for a Ray Train run (under torchrun/deepspeed the world size is used)."""
+    embeddings_path: str | None = None
+    """Where the exported CF tables live; default `<run_dir>/cf/embeddings.safetensors`."""
+
+    def problems(self, p: str) -> list[str]:
+        out = []
+        if not 8 <= self.dim <= 256:
+            out.append(f"{p}.dim must be within [8, 256], got {self.dim}")
+        for name in ("epochs", "batch_size", "workers"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            out.append(f"{p}.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            out.append(f"{p}.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.model == "lightgcn" and self.num_layers <= 0:
+            out.append(f"{p}.num_layers must be > 0 for lightgcn, got {self.num_layers}")
+        if self.patience < 0:
+            out.append(f"{p}.patience must be >= 0, got {self.patience}")
+        return out
+
+
+@dataclass
+class TinyLLMConfig:
+    """Sizes of the locally built random Llama used when model.base_model is unset."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 2000
+    """Target vocabulary of the BPE tokenizer trained on the dataset's own text."""
+    max_position_embeddings: int = 1024
+
+    def problems(self, p: str) -> list[str]:
+        out = []
+        if not 16 <= self.hidden_size <= 4096:
+            out.append(f"{p}.hidden_size must be within [16, 4096], got {self.hidden_size}")
+        if self.num_heads <= 0 or self.hidden_size % max(self.num_heads, 1):
+            out.append(f"{p}.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_kv_heads <= 0 or self.num_heads % max(self.num_kv_heads, 1):
+            out.append(f"{p}.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        for name in ("intermediate_size", "num_layers", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.vocab_size < 300:
+            out.append(f"{p}.vocab_size must be >= 300 (the byte alphabet alone has 256 symbols), got {self.vocab_size}")
+        return out
+
+
+@dataclass
+class ModelConfig:
+    base_model: str | None = None
+    """Path of a Hugging Face causal-LM checkpoint (e.g. a Llama-2-7B folder). None: build the tiny model."""
+    tiny: TinyLLMConfig = field(default_factory=TinyLLMConfig)
+    pooling: Literal["mean", "attention"] = "mean"
+    """How the MetaNet pools the history item embeddings into p_u."""
+    meta_hidden: int = 64
+    """Hidden width of the MetaNet MLP (d -> meta_hidden -> d*d)."""
+    max_length: int = 512
+    """Prompts longer than this (in tokens) are cut from the left of the history, never the answer."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the LLM (bfloat16 on GPU)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing in the LLM (saves memory at ~30% more compute)."""
+
+    def problems(self, p: str) -> list[str]:
+        out = self.tiny.problems(f"{p}.tiny") if self.base_model is None else []
+        if self.meta_hidden <= 0:
+            out.append(f"{p}.meta_hidden must be > 0, got {self.meta_hidden}")
+        if self.max_length < 32:
+            out.append(f"{p}.max_length must be >= 32, got {self.max_length}")
+        return out
+
+
+@dataclass
+class MultiLoRAConfig:
+    rank: int = 16
+    """Rank of the shared adapter."""
+    alpha: float = 64.0
+    dropout: float = 0.1
+    task_rank: int = 16
+    """Rank of every task-specific adapter."""
+    task_alpha: float = 64.0
+    task_dropout: float = 0.1
+    shared_targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "o_proj"])
+    """Module-name suffixes that get the shared LoRA (paper code: k, v, o)."""
+    task_targets: list[str] = field(default_factory=lambda: ["q_proj"])
+    """Module-name suffixes that get one LoRA per task (paper code: q)."""
+    gate: bool = False
+    """Learn a per-task scalar gate mixing the shared and task parts."""
+
+    def problems(self, p: str) -> list[str]:
+        out = []
+        for name in ("rank", "task_rank"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("alpha", "task_alpha"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("dropout", "task_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"{p}.{name} must be within [0, 1), got {getattr(self, name)}")
+        if not self.shared_targets and not self.task_targets:
+            out.append(f"{p}: shared_targets and task_targets are both empty; nothing would be trained")
+        if both := set(self.shared_targets) & set(self.task_targets):
+            out.append(f"{p}: {sorted(both)} cannot be both shared and task-specific targets")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    warmup_ratio: float = 0.05
+    """Linear warm-up over this fraction of max_steps, then linear decay to 0."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Samples per rank per micro-batch (before the curriculum doubles rows into text + CF variants)."""
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ds_config: str = "ds_configs/zero3_cpu.json"
+    """ZeRO settings only; batch sizes, clipping and precision are filled in from this section."""
+    backend: Literal["gloo", "nccl", "auto"] = "auto"
+    """Process-group backend; auto = nccl with CUDA, gloo otherwise."""
+    curriculum: bool = True
+    """Move the loss weight from text-only prompts to CF prompts over training (CKF_METHOD.md)."""
+    curriculum_steps: int | None = None
+    """T of the curriculum; default max_steps."""
+    sampler: Literal["uniform", "grad_balanced"] = "uniform"
+    """Task mixture of the micro-batches."""
+    sampler_temperature: float = 1.0
+    sampler_floor: float = 0.05
+    """Smallest share any task can get (no task starves)."""
+    seed: int = 0
+    resume: Literal["never", "auto"] = "auto"
+    """'auto' resumes from the newest complete checkpoint in the run directory."""
+    ckpt_every: int = 50
+    ckpt_keep: int = 2
+    eval_every: int = 0
+    """Validation every N steps (0 = only at the end)."""
+    collective_timeout_s: int = 300
+    """A rank that waits longer than this on a collective fails the job, naming the rank."""
+
+    def problems(self, p: str) -> list[str]:
+        out = []
+        if self.lr <= 0:
+            out.append(f"{p}.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            out.append(f"{p}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            out.append(f"{p}.warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "ckpt_keep",
+                     "collective_timeout_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            out.append(f"{p}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.curriculum_steps is not None and self.curriculum_steps <= 0:
+            out.append(f"{p}.curriculum_steps must be > 0 or null, got {self.curriculum_steps}")
+        if not 0.0 <= self.sampler_floor < 1.0:
+            out.append(f"{p}.sampler_floor must be within [0, 1), got {self.sampler_floor}")
+        if self.sampler_temperature <= 0:
+            out.append(f"{p}.sampler_temperature must be > 0, got {self.sampler_temperature}")
+        if self.eval_every < 0:
+            out.append(f"{p}.eval_every must be >= 0, got {self.eval_every}")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    max_samples_per_task: int = 0
+    """Cap on test samples per task (0 = all)."""
+    batch_size: int = 16
+    split: Literal["valid", "test"] = "test"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    """HR@K / NDCG@K cut-offs."""
+    max_new_tokens: int = 32
+    """Explanation generation length."""
+    num_beams: int = 1
+    """1 = greedy decoding for explanations."""
+    baselines: list[str] = field(default_factory=lambda: ["cf", "text"])
+    """Extra models evaluated on the same samples: 'cf' (the CF model alone), 'text' (LLM, text-only prompts)."""
+
+    def problems(self, p: str) -> list[str]:
+        out = []
+        if self.max_samples_per_task < 0:
+            out.append(f"{p}.max_samples_per_task must be >= 0, got {self.max_samples_per_task}")
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
+            if getattr(self, name) <= 0:
+                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if not self.ks or any(k <= 0 for k in self.ks):
+            out.append(f"{p}.ks must be a non-empty list of positive integers, got {self.ks}")
+        if bad := [b for b in self.baselines if b not in ("cf", "text")]:
+            out.append(f"{p}.baselines has unknown entries {bad}; allowed: ['cf', 'text']")
+        return out
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = "runs/demo"
+    """Everything a run writes: resolved config, checkpoints, TensorBoard logs, metrics, reports."""
+    every: int = 5
+    """Log training scalars every N steps."""
+    progress: bool = True
+    """Progress bar with ETA on rank 0."""
+
+    def problems(self, p: str) -> list[str]:
+        return [f"{p}.every must be > 0, got {self.every}"] if self.every <= 0 else []
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    cf: CFConfig = field(default_factory=CFConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    multi_lora: MultiLoRAConfig = field(default_factory=MultiLoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            out += getattr(self, f.name).problems(f.name)
+        # Contradictions across sections.
+        if self.model.base_model is not None and self.train.precision == "fp32" and self.model.dtype != "float32":
+            out.append(f"train.precision='fp32' contradicts model.dtype={self.model.dtype!r}; make them agree")
+        if self.train.precision == "bf16" and self.model.dtype == "float16":
+            out.append("train.precision='bf16' contradicts model.dtype='float16'")
+        if self.model.max_length > self.model.tiny.max_position_embeddings and self.model.base_model is None:
+            out.append(f"model.max_length ({self.model.max_length}) exceeds model.tiny.max_position_embeddings "
+                       f"({self.model.tiny.max_position_embeddings})")
+        if self.cf.model != "mf" and "rating" in self.data.tasks and "cf" in self.eval.baselines:
+            pass  # a BPR model still ranks; its rating baseline is reported as absent, not an error
+        return out
+
+    @property
+    def cf_embeddings_path(self) -> Path:
+        return Path(self.cf.embeddings_path or Path(self.log.run_dir) / "cf" / "embeddings.safetensors")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, collecting every problem
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the (lightly coerced) value or record a problem."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+        for a in inner:
+            sub: list[str] = []
+            v = _coerce(value, a, key, sub)
+            if not sub:
+                return v
+        problems.append(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append(f"{key}: expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        (elem,) = get_args(tp) or (Any,)
+        return [_coerce(v, elem, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return value
+        _, vt = get_args(tp) or (Any, Any)
+        return {k: _coerce(v, vt, f"{key}.{k}", problems) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected bool (true/false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected float, got {type(value).__name__} {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping of {cls.__name__} fields, got {data!r}")
+        return cls()
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            problems.append(f"{prefix + '.' if prefix else ''}{k}: unknown key; {cls.__name__} has "
+                            f"{sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"override {dotted!r}: {p!r} is not a section"])
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split 'train.lr=2e-4' into ('train.lr', 2e-4); values are Python/YAML literals, else strings."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} must look like section.key=value"])
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def config_from_dict(data: dict[str, Any], source: str | None = None) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem at once."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:  # range checks need well-typed values
+        problems += cfg.problems()
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load a YAML experiment file, apply dotted overrides, validate everything at once.
+
+    Args:
+        path: YAML file; None starts from the defaults.
+        overrides: strings like 'train.lr=2e-4' or 'data.tasks=[ctr,rating]'.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ConfigError: every unknown key, wrong type and bad or contradictory value, one per line.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(data, key, value)
+    return config_from_dict(data, str(path) if path else None)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved configuration (every field, defaults included) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

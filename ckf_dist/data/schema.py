@@ -1,0 +1,65 @@
+"""The on-disk contract of a prepared dataset: the seam between data/, cf/, train/ and eval/.
+
+Every stage reads prepared data through these names only, so a reader for a new format needs to
+produce nothing more than this layout.
+
+    <prepared_dir>/
+      manifest.json                 counts, schema version, seed, skipped lines, sha256 of every file
+      users.parquet                 uid:int32 (0..U-1), raw_id:str, n_train:int32, is_cold:bool
+      items.parquet                 iid:int32 (0..V-1), raw_id:str, title:str
+      interactions/{train,valid,test}.parquet
+                                    uid:int32, iid:int32, rating:float32, ts:int64, review:str
+      prompts/{train,valid,test}/shard-000000.tar ...
+                                    WebDataset shards; each sample has one "json" member (PromptSample)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypedDict
+
+SCHEMA_VERSION = 1
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+MANIFEST = "manifest.json"
+USERS = "users.parquet"
+ITEMS = "items.parquet"
+
+
+def interactions_path(prepared_dir: str | Path, split: str) -> Path:
+    return Path(prepared_dir) / "interactions" / f"{split}.parquet"
+
+
+def prompts_dir(prepared_dir: str | Path, split: str) -> Path:
+    return Path(prepared_dir) / "prompts" / split
+
+
+class PromptSample(TypedDict):
+    """One task sample, as stored in the prompt shards (JSON) and read by collate / evaluate.
+
+    `prompt_cf` holds one USER_SLOT token right after the user's mention and one ITEM_SLOT token after
+    each item mention whose CF vector is fused, in the order of `slot_items`. `prompt_text` is the same
+    prompt without any slot token (the curriculum's text-only variant).
+    """
+
+    key: str
+    """Unique, stable id: f"{split}/{task}/{uid}/{n}"; sorted keys give a canonical order."""
+    task: str
+    split: str
+    uid: int
+    history: list[int]
+    """Training items before the target, chronological, most recent last (<= data.history_len)."""
+    slot_items: list[int]
+    prompt_cf: str
+    prompt_text: str
+    answer: str
+    """Target text after the prompt ("Yes"/"No", "4", a title, an explanation)."""
+    label: float
+    """CTR: 1.0/0.0; rating: the rating; top-K: index of the target in `candidates`; exp: rating of the review."""
+    candidates: list[int]
+    """Top-K only: candidate item ids (target included), else []."""
+    candidate_titles: list[str]
+    """Top-K only: titles of `candidates`, each scored as an answer at evaluation."""
+    item: int
+    """The item the sample is about (CTR/rating/exp candidate, top-K target)."""
+    is_cold: bool
