@@ -292,8 +292,9 @@ class TrainConfig:
     """ZeRO settings only; batch sizes, clipping and precision are filled in from this section."""
     backend: Literal["gloo", "nccl", "auto"] = "auto"
     """Process-group backend; auto = nccl with CUDA, gloo otherwise."""
-    curriculum: bool = True
-    """Move the loss weight from text-only prompts to CF prompts over training (CKF_METHOD.md)."""
+    prompts: Literal["curriculum", "cf", "text"] = "curriculum"
+    """'curriculum': loss weight moves from text-only to CF-slot prompts over training (CKF_METHOD.md);
+    'cf': CF-slot prompts only; 'text': text-only prompts (the LLM-without-CF baseline)."""
     curriculum_steps: int | None = None
     """T of the curriculum; default max_steps."""
     sampler: Literal["uniform", "grad_balanced"] = "uniform"

@@ -1,0 +1,71 @@
+"""`ckf-dist` console script and the shared argument parsing of the thin launchers in launchers/.
+
+    ckf-dist train       --config configs/demo.yaml train.lr=2e-4     (what `deepspeed launchers/train.py` runs)
+    ckf-dist prepare     --config ...                                 (data only)
+    ckf-dist train-cf    --config ...                                 (CF embeddings only)
+    ckf-dist evaluate    --config ...                                 (evaluate a finished run directory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ckf_dist.config import ConfigError, RunConfig, load_config
+
+
+def parse_run_args(argv: Sequence[str] | None = None, prog: str | None = None,
+                   description: str = "") -> RunConfig:
+    """--config FILE plus dotted overrides; tolerates the --local_rank that the deepspeed launcher injects.
+
+    Exits with status 2 and every config problem listed when the config is invalid.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml); defaults apply when omitted")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.tasks=[ctr,rating]")
+    args = p.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        return load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": _train, "prepare": _prepare, "train-cf": _train_cf, "evaluate": _evaluate}
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        raise SystemExit(2)
+    commands[argv[0]](argv[1:])
+
+
+def _train(argv: list[str]) -> None:
+    from ckf_dist.train.loop import train
+
+    train(parse_run_args(argv, "ckf-dist train"))
+
+
+def _prepare(argv: list[str]) -> None:
+    from ckf_dist.data.preprocess import prepare_data
+
+    cfg = parse_run_args(argv, "ckf-dist prepare")
+    prepare_data(cfg.data)
+
+
+def _train_cf(argv: list[str]) -> None:
+    from ckf_dist.cf.train_cf import train_cf
+
+    train_cf(parse_run_args(argv, "ckf-dist train-cf"))
+
+
+def _evaluate(argv: list[str]) -> None:
+    import runpy
+
+    sys.argv = ["launchers/evaluate.py", *argv]
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "launchers", "evaluate.py"), run_name="__main__")

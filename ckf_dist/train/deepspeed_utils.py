@@ -1,0 +1,105 @@
+"""DeepSpeed glue: process-group start-up with a collective timeout, and `make_ds_config`, which merges the
+ZeRO-only JSON of `ds_configs/` with batch sizes, clipping and precision from TrainConfig (one place each).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckf_dist.config import RunConfig
+
+
+def init_distributed(cfg: RunConfig) -> tuple[int, int]:
+    """Start (or join) the process group and return (rank, world).
+
+    Under `deepspeed`/`torchrun` the launcher's env vars (RANK, WORLD_SIZE, MASTER_ADDR...) are used; a plain
+    `python launchers/train.py` runs as a 1-rank group so the same code path serves both. A collective that waits
+    longer than train.collective_timeout_s raises instead of hanging forever (a dead or stuck peer).
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = cfg.train.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                               timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_zero_json(path: str | Path) -> dict[str, Any]:
+    """Read a ds_configs/*.json file, resolving a relative path against the repository root too."""
+    p = Path(path)
+    if not p.is_file():
+        alt = Path(__file__).resolve().parents[2] / path
+        if not alt.is_file():
+            raise FileNotFoundError(f"train.ds_config: {path} not found (looked in the working directory and {alt.parent})")
+        p = alt
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON: {e}") from e
+    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
+    if clash := sorted(owned & data.keys()):
+        raise ValueError(f"{p}: keys {clash} are set from the train section of the config; remove them from the "
+                         f"DeepSpeed JSON (ds_configs/ holds ZeRO settings only)")
+    return data
+
+
+def make_ds_config(cfg: RunConfig, world: int, hidden_size: int) -> dict[str, Any]:
+    """The full DeepSpeed config: ZeRO settings from train.ds_config + everything else from TrainConfig.
+
+    "auto" ZeRO-3 bucket sizes are resolved from the LLM hidden size (as the HF integration does).
+    """
+    ds = load_zero_json(cfg.train.ds_config)
+    t = cfg.train
+    ds.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        train_batch_size=t.micro_batch_size * t.grad_accum * world,
+        gradient_clipping=t.grad_clip,
+        bf16={"enabled": t.precision == "bf16"},
+        fp16={"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        steps_per_print=10**9,  # our own logger reports; DeepSpeed's console lines would interleave with tqdm
+        wall_clock_breakdown=False,
+    )
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    z = ds.setdefault("zero_optimization", {})
+    auto = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for k, v in auto.items():
+        if z.get(k) == "auto":
+            z[k] = v
+    if leftover := [k for k, v in z.items() if v == "auto"]:
+        raise ValueError(f"{cfg.train.ds_config}: cannot resolve 'auto' for {leftover}")
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,15 @@
+"""Main job: data -> CF -> CKF fine-tuning (ZeRO-3) -> adapters -> evaluation report.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml [train.lr=2e-4 ...]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ckf_dist.cli import parse_run_args  # noqa: E402
+from ckf_dist.train.loop import train  # noqa: E402
+
+if __name__ == "__main__":
+    train(parse_run_args(prog="launchers/train.py", description=__doc__))

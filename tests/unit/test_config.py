@@ -1,0 +1,78 @@
+"""Config loading: every problem reported at once, overrides, and every shipped YAML / DeepSpeed JSON is valid."""
+
+from pathlib import Path
+
+import pytest
+
+from ckf_dist.config import ConfigError, RunConfig, load_config, parse_override, save_config
+from ckf_dist.train.deepspeed_utils import load_zero_json, make_ds_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_two_unknown_keys_and_one_wrong_type_are_reported_together(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 0.1\n  max_steps: ten\nmodel:\n  poolin: mean\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert len(e.value.problems) == 3, msg
+    assert "train.lrr: unknown key" in msg
+    assert "model.poolin: unknown key" in msg
+    assert "train.max_steps: expected int, got str 'ten'" in msg
+    assert str(bad) in msg
+
+
+def test_range_and_contradiction_problems_are_collected():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["multi_lora.rank=0", "multi_lora.shared_targets=[q_proj]", "cf.dim=4",
+                           "data.source=ml-100k", "data.path=/x", "data.tasks=[ctr,exp]"])
+    msg = str(e.value)
+    assert "multi_lora.rank must be > 0" in msg
+    assert "cannot be both shared and task-specific" in msg
+    assert "cf.dim must be within [8, 256]" in msg
+    assert "'exp' but data.source='ml-100k' has no review text" in msg
+    assert len(e.value.problems) == 4
+
+
+def test_literal_and_list_types_are_checked():
+    with pytest.raises(ConfigError, match=r"model.pooling: expected one of \['mean', 'attention'\], got 'max'"):
+        load_config(None, ["model.pooling=max"])
+    with pytest.raises(ConfigError, match=r"eval.ks\[1\]: expected int"):
+        load_config(None, ["eval.ks=[1, 'five']"])
+
+
+def test_overrides_parse_python_and_yaml_literals():
+    assert parse_override("train.lr=2e-4") == ("train.lr", 2e-4)
+    assert parse_override("data.tasks=[ctr,rating]") == ("data.tasks", ["ctr", "rating"])
+    assert parse_override("model.base_model=/models/llama") == ("model.base_model", "/models/llama")
+    cfg = load_config(None, ["train.lr=2e-4", "data.tasks=[ctr,rating]", "model.base_model=null"])
+    assert cfg.train.lr == 2e-4 and cfg.data.tasks == ["ctr", "rating"] and cfg.model.base_model is None
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.max_steps=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and again.train.max_steps == 7
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_ds_config_resolves(path):
+    cfg = load_config(None, [f"train.ds_config={path}", "train.micro_batch_size=4", "train.grad_accum=2"])
+    ds = make_ds_config(cfg, world=2, hidden_size=64)
+    assert ds["train_batch_size"] == 16
+    assert ds["zero_optimization"]["stage"] in (2, 3)
+    assert "auto" not in str(ds)
+
+
+def test_ds_json_may_not_set_what_train_owns(tmp_path):
+    p = tmp_path / "z.json"
+    p.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 5.0}')
+    with pytest.raises(ValueError, match=r"\['gradient_clipping'\] are set from the train section"):
+        load_zero_json(p)

@@ -1,0 +1,62 @@
+"""Curriculum weight and task-mixture rule of the training loop (pure functions)."""
+
+import math
+
+import pytest
+import torch
+
+from ckf_dist.train.curriculum import curriculum_weight, variants_for
+from ckf_dist.train.sampler import TaskMixture, task_gradient_stats
+
+
+def test_curriculum_moves_from_text_to_cf():
+    T = 100
+    w = [curriculum_weight(z, T) for z in range(T + 1)]
+    assert w[0] > 0.999 and abs(w[50] - 0.5) < 1e-12 and w[100] < 0.001
+    assert all(a >= b for a, b in zip(w, w[1:]))  # monotone
+    assert math.isclose(w[25], 1 / (1 + math.exp(-4)))
+    assert variants_for(w[0]) == ("text",) and variants_for(w[50]) == ("text", "cf") and variants_for(w[100]) == ("cf",)
+    with pytest.raises(ValueError):
+        curriculum_weight(0, 0)
+
+
+def _run(mixture, grad_norms, losses, steps=30):
+    for _ in range(steps):
+        mixture.update(torch.tensor(grad_norms), torch.tensor(losses))
+    return mixture.weights
+
+
+def test_tiny_gradient_task_gains_share():
+    m = TaskMixture(["ctr", "topk", "rating", "exp"], "grad_balanced", temperature=1.0, floor=0.05)
+    w = _run(m, [1.0, 1.0, 0.01, 1.0], [0.7, 0.7, 0.7, 0.7])
+    assert w[2] > 0.25 + 0.2 and int(w.argmax()) == 2
+    assert torch.all(w >= 0.05 - 1e-12) and math.isclose(float(w.sum()), 1.0)
+
+
+def test_equal_tasks_stay_uniform():
+    m = TaskMixture(["ctr", "topk", "rating", "exp"], "grad_balanced")
+    w = _run(m, [0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0])
+    assert torch.allclose(w, torch.full((4,), 0.25, dtype=torch.float64), atol=1e-9)
+
+
+def test_uniform_mode_ignores_statistics_and_state_round_trips():
+    m = TaskMixture(["ctr", "topk"], "uniform")
+    w = _run(m, [1.0, 0.001], [1.0, 1.0], steps=5)
+    assert torch.allclose(w, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    m2 = TaskMixture(["ctr", "topk"], "uniform")
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.g_ema, m.g_ema)
+
+
+def test_draw_is_deterministic_by_generator():
+    m = TaskMixture(["ctr", "topk", "rating"], "uniform")
+    a = m.draw(20, torch.Generator().manual_seed(3))
+    b = m.draw(20, torch.Generator().manual_seed(3))
+    assert a == b and set(a) <= {"ctr", "topk", "rating"}
+
+
+def test_task_gradient_stats_normalises_by_token_share():
+    g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # task 0 owns 3/4 of the tokens
+    norms, cos = task_gradient_stats(g, torch.tensor([30.0, 10.0]))
+    assert torch.allclose(norms, torch.tensor([5.0 / 0.75, 1.0 / 0.25], dtype=torch.float64))
+    assert math.isclose(float(cos[0, 1]), 0.8)
