@@ -1,0 +1,60 @@
+"""Run the main job as a Ray Train job: one worker per GPU (or CPU process), the same `train(cfg)` on each.
+
+    python launchers/ray_job.py --num-workers 8 --gpu --config configs/ml100k.yaml       # on the cluster head
+    ray job submit --working-dir . -- python launchers/ray_job.py --num-workers 8 --gpu --config ...
+
+Ray Train creates the torch process group (NCCL on GPUs, gloo on CPUs); `train` joins it instead of creating one.
+Prepared data, checkpoints and reports go to log.run_dir / data.prepared_dir, which must be on storage every node
+sees (NFS, Lustre) in a multi-node cluster.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ckf_dist.cli import parse_run_args  # noqa: E402
+
+
+def _worker(config: dict) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpu"] else "cpu")
+    from ckf_dist.config import config_from_dict
+    from ckf_dist.train.loop import train
+
+    train(config_from_dict(config["cfg"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: connect or start local)")
+    args, rest = p.parse_known_args()
+    cfg = parse_run_args(rest, "launchers/ray_job.py")
+    import ray
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(num_cpus=max(cfg.data.ray_num_cpus, args.num_workers + 2),
+                     object_store_memory=cfg.data.ray_object_store_mb * 2**20, include_dashboard=False)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.to_dict(), "gpu": args.gpu},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu),
+        torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo",
+                                 timeout_s=cfg.train.collective_timeout_s),
+        run_config=RayRunConfig(name="ckf", storage_path=os.path.abspath(os.path.join(cfg.log.run_dir, "ray"))),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise SystemExit(f"Ray Train job failed: {result.error}")
+
+
+if __name__ == "__main__":
+    main()
