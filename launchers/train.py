@@ -5,6 +5,7 @@
 
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -12,4 +13,12 @@ from ckf_dist.cli import parse_run_args  # noqa: E402
 from ckf_dist.train.loop import train  # noqa: E402
 
 if __name__ == "__main__":
-    train(parse_run_args(prog="launchers/train.py", description=__doc__))
+    cfg = parse_run_args(prog="launchers/train.py", description=__doc__)
+    try:
+        train(cfg)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip interpreter teardown: with a dead peer, process-group destructors can block forever.
+        os._exit(1)

@@ -24,6 +24,7 @@ from ckf_dist.tasks import TASK_ID, TASKS
 from ckf_dist.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ckf_dist.train.curriculum import curriculum_weight, variants_for
 from ckf_dist.train.deepspeed_utils import init_distributed, make_ds_config
+from ckf_dist.train.health import Heartbeat, is_collective_failure
 from ckf_dist.train.logging import NullLogger, RunLogger
 from ckf_dist.train.sampler import TaskMixture, task_gradient_stats
 
@@ -79,71 +80,79 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     T = cfg.train.curriculum_steps or cfg.train.max_steps
     progress = make_progress(cfg, rank, start)
     tick, seen_samples, seen_tokens = time.perf_counter(), 0, 0
-    for step in range(start, cfg.train.max_steps):
-        text_weight = {"curriculum": None, "cf": 0.0, "text": 1.0}[cfg.train.prompts]
-        if text_weight is None:
-            text_weight = curriculum_weight(step, T)
-        variants = variants_for(text_weight)
-        ckf.reset_task_grads()
-        loss_sum = torch.zeros(len(TASKS), dtype=torch.float64)
-        tok_sum = torch.zeros(len(TASKS), dtype=torch.float64)
-        total_loss = 0.0
-        for micro in range(cfg.train.grad_accum):
-            # Same seed stream on every rank's mixture state -> same mixture; the rank enters the seed so ranks
-            # draw different rows (their streams are disjoint anyway).
-            gen = torch.Generator().manual_seed(hash((cfg.train.seed, step, micro, rank)) % 2**62)
-            samples = [next(streams[t]) for t in mixture.draw(cfg.train.micro_batch_size, gen)]
-            batch = collator(samples, variants).to(engine.device)
-            out = engine(batch, text_weight=text_weight)
-            engine.backward(out.loss)
-            engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-            loss_sum += (out.task_loss.double() * out.task_tokens.double()).cpu()
-            tok_sum += out.task_tokens.double().cpu()
-            total_loss += float(out.loss.detach()) / cfg.train.grad_accum
-            seen_samples += len(samples)
-            seen_tokens += int(batch.attention_mask.sum())
+    heartbeat = Heartbeat(rank, world)
+    try:
+        for step in range(start, cfg.train.max_steps):
+            heartbeat.beat(step)
+            text_weight = {"curriculum": None, "cf": 0.0, "text": 1.0}[cfg.train.prompts]
+            if text_weight is None:
+                text_weight = curriculum_weight(step, T)
+            variants = variants_for(text_weight)
+            ckf.reset_task_grads()
+            loss_sum = torch.zeros(len(TASKS), dtype=torch.float64)
+            tok_sum = torch.zeros(len(TASKS), dtype=torch.float64)
+            total_loss = 0.0
+            for micro in range(cfg.train.grad_accum):
+                # Same seed stream on every rank's mixture state -> same mixture; the rank enters the seed so ranks
+                # draw different rows (their streams are disjoint anyway).
+                gen = torch.Generator().manual_seed(hash((cfg.train.seed, step, micro, rank)) % 2**62)
+                samples = [next(streams[t]) for t in mixture.draw(cfg.train.micro_batch_size, gen)]
+                batch = collator(samples, variants).to(engine.device)
+                out = engine(batch, text_weight=text_weight)
+                engine.backward(out.loss)
+                engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+                loss_sum += (out.task_loss.double() * out.task_tokens.double()).cpu()
+                tok_sum += out.task_tokens.double().cpu()
+                total_loss += float(out.loss.detach()) / cfg.train.grad_accum
+                seen_samples += len(samples)
+                seen_tokens += int(batch.attention_mask.sum())
 
-        # Per-task statistics over all ranks: losses, answer tokens and shared-LoRA gradients.
-        stats = torch.cat([loss_sum, tok_sum, torch.tensor([total_loss], dtype=torch.float64)])
-        dist.all_reduce(stats)
-        task_grads = ckf.task_grads().double().cpu()
-        dist.all_reduce(task_grads)
-        n = len(TASKS)
-        task_tokens = stats[n:2 * n]
-        task_loss = stats[:n] / task_tokens.clamp_min(1)
-        grad_norms, cos = task_gradient_stats(task_grads, task_tokens)
-        ids = [TASK_ID[t] for t in cfg.data.tasks]
-        mixture.update(grad_norms[ids], task_loss[ids], present=task_tokens[ids] > 0)
+            # Per-task statistics over all ranks: losses, answer tokens and shared-LoRA gradients.
+            stats = torch.cat([loss_sum, tok_sum, torch.tensor([total_loss], dtype=torch.float64)])
+            dist.all_reduce(stats)
+            task_grads = ckf.task_grads().double().cpu()
+            dist.all_reduce(task_grads)
+            n = len(TASKS)
+            task_tokens = stats[n:2 * n]
+            task_loss = stats[:n] / task_tokens.clamp_min(1)
+            grad_norms, cos = task_gradient_stats(task_grads, task_tokens)
+            ids = [TASK_ID[t] for t in cfg.data.tasks]
+            mixture.update(grad_norms[ids], task_loss[ids], present=task_tokens[ids] > 0)
 
-        done = step + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{float(stats[-1]) / world:.3f}", w_text=f"{text_weight:.2f}")
-        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            elapsed = time.perf_counter() - tick
-            scalars = {
-                "train/loss": float(stats[-1]) / world,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/text_weight": text_weight,
-                "train/grad_norm": engine.get_global_grad_norm(),
-                "train/samples_per_s": seen_samples * world / elapsed,
-                "train/tokens_per_s": seen_tokens * world / elapsed,
-            }
-            for i, t in zip(ids, cfg.data.tasks):
-                scalars[f"train/loss_{t}"] = float(task_loss[i]) if task_tokens[i] > 0 else None
-                scalars[f"train/grad_norm_{t}"] = float(grad_norms[i])
-                scalars[f"train/mixture_{t}"] = float(mixture.weights[cfg.data.tasks.index(t)])
-                for j, u in zip(ids, cfg.data.tasks):
-                    if i < j:
-                        scalars[f"train/grad_cos_{t}_{u}"] = float(cos[i, j])
-            logger.log_dict(scalars, done)
-            tick, seen_samples, seen_tokens = time.perf_counter(), 0, 0
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
-            val = run_eval(cfg, ckf, tokenizer, "valid", "cf", rank, world, limit=cfg.eval.max_samples_per_task or 64)
-            logger.log_dict({f"valid/{k}": v for k, v in val.items()}, done)
-        if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
-            rank_state = {"streams": {t: s.state_dict() for t, s in streams.items()},
-                          "mixture": mixture.state_dict(), "steps_done": done}
-            save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
+            done = step + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(stats[-1]) / world:.3f}", w_text=f"{text_weight:.2f}")
+            if done % cfg.log.every == 0 or done == cfg.train.max_steps:
+                elapsed = time.perf_counter() - tick
+                scalars = {
+                    "train/loss": float(stats[-1]) / world,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/text_weight": text_weight,
+                    "train/grad_norm": engine.get_global_grad_norm(),
+                    "train/samples_per_s": seen_samples * world / elapsed,
+                    "train/tokens_per_s": seen_tokens * world / elapsed,
+                }
+                for i, t in zip(ids, cfg.data.tasks):
+                    scalars[f"train/loss_{t}"] = float(task_loss[i]) if task_tokens[i] > 0 else None
+                    scalars[f"train/grad_norm_{t}"] = float(grad_norms[i])
+                    scalars[f"train/mixture_{t}"] = float(mixture.weights[cfg.data.tasks.index(t)])
+                    for j, u in zip(ids, cfg.data.tasks):
+                        if i < j:
+                            scalars[f"train/grad_cos_{t}_{u}"] = float(cos[i, j])
+                logger.log_dict(scalars, done)
+                tick, seen_samples, seen_tokens = time.perf_counter(), 0, 0
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
+                val = run_eval(cfg, ckf, tokenizer, "valid", "cf", rank, world, limit=cfg.eval.max_samples_per_task or 64)
+                logger.log_dict({f"valid/{k}": v for k, v in val.items()}, done)
+            if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+                rank_state = {"streams": {t: s.state_dict() for t, s in streams.items()},
+                              "mixture": mixture.state_dict(), "steps_done": done}
+                save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
+    except Exception as err:
+        # A dead or hung peer surfaces here as a failed or timed-out collective: name it and stop.
+        if is_collective_failure(err):
+            raise heartbeat.explain(err) from err
+        raise
     progress.close()
     logger.flush()
 
