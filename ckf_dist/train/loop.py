@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -41,6 +42,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
+    # Each rank's pid, so an operator (or a test) can find and signal a given rank.
+    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (run_dir / "pids" / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"[ckf] run dir {run_dir} | {world} rank(s) | tasks {cfg.data.tasks}")
 

@@ -1,0 +1,79 @@
+"""Run the real `deepspeed` launcher on the main job from tests, with a hard timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "data.synthetic.num_users=40", "data.synthetic.num_items=30", "data.synthetic.max_interactions=12",
+    "data.history_len=4", "data.shard_size=200", "data.train_windows_per_user=2",
+    "cf.dim=8", "cf.epochs=5",
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=600",
+    "model.max_length=256",
+    "multi_lora.rank=4", "multi_lora.task_rank=4", "multi_lora.dropout=0.0", "multi_lora.task_dropout=0.0",
+    "train.micro_batch_size=4", "train.lr=0.005", "train.collective_timeout_s=60",
+    "eval.max_samples_per_task=6", "eval.max_new_tokens=6", "log.every=1", "log.progress=false",
+]
+
+
+def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
+    ds = Path(sys.executable).with_name("deepspeed")
+    return [str(ds), "--num_gpus", str(nproc), "--master_port", str(_port()), str(ROOT / "launchers" / "train.py"),
+            *overrides]
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+             PYTHONPATH=str(ROOT))
+    return e
+
+
+def run_job(overrides: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher_cmd(nproc, overrides), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_job(overrides: list[str], nproc: int = 2, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(launcher_cmd(nproc, overrides), cwd=ROOT, env=env(), stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"job exited ({proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def last_train_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r][-1]

@@ -1,0 +1,84 @@
+"""Exact resume after SIGKILL, and a dead / hung rank stopping the job (2 CPU ranks, real launcher)."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.run_utils import TINY, kill_group, last_train_loss, run_job, start_job, wait_for
+
+STEPS = 8
+
+
+def _adapters(run):
+    return {f"{t}/{k}": v for t in ("ctr", "topk", "rating", "exp")
+            for k, v in load_file(run / "adapters" / t / "adapter_model.safetensors").items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run; its data, CF tables and base model are reused by the runs below."""
+    root = tmp_path_factory.mktemp("ref")
+    run = root / "run"
+    res = run_job([f"log.run_dir={run}", f"data.prepared_dir={root / 'data'}", f"train.max_steps={STEPS}",
+                   "train.ckpt_every=2", "train.ckpt_keep=10", *TINY], timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root, run
+
+
+def _shared(root, run):
+    return [f"data.prepared_dir={root / 'data'}", f"cf.embeddings_path={run / 'cf' / 'embeddings.safetensors'}",
+            f"model.base_model={run / 'base_model'}", f"train.max_steps={STEPS}", "train.ckpt_every=2", *TINY]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(reference, tmp_path):
+    root, ref = reference
+    run = tmp_path / "run"
+    proc = start_job([f"log.run_dir={run}", *_shared(root, ref)], log=tmp_path / "first.log")
+    try:
+        wait_for(lambda: (run / "checkpoints" / "step-000004" / "COMPLETE").is_file(), 600, "checkpoint 4", proc)
+    finally:
+        kill_group(proc)  # SIGKILL the launcher and both ranks, mid-epoch
+    assert not (run / "checkpoints" / f"step-{STEPS:06d}").exists(), "killed too late to test a resume"
+    res = run_job([f"log.run_dir={run}", *_shared(root, ref)], timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    # Same seed, same data order, same RNG: fp32 on CPU is reproducible up to reduction order (tolerance 1e-5).
+    assert abs(last_train_loss(run) - last_train_loss(ref)) < 1e-5
+    a, b = _adapters(run), _adapters(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "hung"])
+def test_rank_killed_or_hung_mid_step_fails_the_job_within_timeout(reference, tmp_path, sig):
+    root, ref = reference
+    run = tmp_path / "run"
+    timeout_s = 20
+    proc = start_job([f"log.run_dir={run}", *_shared(root, ref), "train.max_steps=1000",
+                      f"train.collective_timeout_s={timeout_s}"], log=tmp_path / "job.log")
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2,
+                 600, "two logged steps", proc)
+        pid = int((run / "pids" / "rank-1.pid").read_text())
+        os.kill(pid, sig)
+        t0 = time.monotonic()
+        proc.wait(timeout=timeout_s + 90)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+            pytest.fail("the job did not stop after rank 1 stopped")
+    log = (tmp_path / "job.log").read_text()
+    assert proc.returncode != 0, log[-3000:]
+    assert elapsed < timeout_s + 90
+    if sig == signal.SIGSTOP:
+        assert "rank 1" in log and "Stopped peer" in log, log[-3000:]
