@@ -26,3 +26,30 @@ def test_main_job_two_ranks_writes_every_artifact(tmp_path):
     assert (run / "checkpoints" / "step-000004" / "COMPLETE").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert "CKF" in metrics and metrics["CKF"]["auc_ctr"] is not None
+
+
+def read_scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensorboard_has_per_task_curves(tmp_path):
+    run = tmp_path / "run"
+    res = run_job([f"log.run_dir={run}", f"data.prepared_dir={tmp_path / 'data'}", "train.max_steps=3",
+                   "train.sampler=grad_balanced", "eval.baselines=[]", *TINY], timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    scalars = read_scalars(run / "tb" / "ckf")
+    expected = ["train/loss", "train/lr", "train/samples_per_s", "train/tokens_per_s", "train/text_weight",
+                "train/grad_norm", "train/grad_cos_ctr_topk", "train/grad_cos_rating_exp"]
+    for t in ("ctr", "topk", "rating", "exp"):
+        expected += [f"train/loss_{t}", f"train/grad_norm_{t}", f"train/mixture_{t}"]
+    missing = [k for k in expected if k not in scalars]
+    assert not missing, f"missing scalars {missing}; have {sorted(scalars)}"
+    assert len(scalars["train/loss"]) == 3
+    mix = [scalars[f"train/mixture_{t}"][-1] for t in ("ctr", "topk", "rating", "exp")]
+    assert abs(sum(mix) - 1) < 1e-6
