@@ -1,0 +1,392 @@
+"""Readers for the raw formats users have: MovieLens 100K / 1M, Amazon 5-core JSON lines, generic Parquet/CSV.
+
+Each reader returns a `RawData` (one interactions table with raw string ids + item titles + a skip report);
+everything after that (k-core, ids, splits, prompts) is format-independent (data protocol of CKF_METHOD.md).
+Malformed lines are skipped and counted per reason with file:line examples; a missing file or a wrong column
+mapping raises a ValueError/FileNotFoundError that names it.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ckf_dist.config import ColumnMap, DataConfig
+from ckf_dist.data.skips import SkipReport
+
+RAW_SCHEMA = pa.schema([("user", pa.string()), ("item", pa.string()), ("rating", pa.float64()),
+                        ("ts", pa.int64()), ("review", pa.string()), ("seq", pa.int64())])
+"""Reader output: raw ids as strings, rating in [1, 5], unix seconds, review ('' if none), seq = input order."""
+
+RATING_MIN, RATING_MAX = 1.0, 5.0
+
+
+@dataclass
+class RawData:
+    """What a reader produced: interactions (RAW_SCHEMA), titles by raw item id, skipped lines, input files."""
+
+    interactions: pa.Table
+    titles: dict[str, str]
+    skips: SkipReport
+    inputs: list[Path] = field(default_factory=list)
+    has_reviews: bool = False
+
+
+class _Rows:
+    """Accumulates validated rows column-wise (cheaper than a list of dicts)."""
+
+    def __init__(self) -> None:
+        self.user: list[str] = []
+        self.item: list[str] = []
+        self.rating: list[float] = []
+        self.ts: list[int] = []
+        self.review: list[str] = []
+
+    def add(self, user: str, item: str, rating: float, ts: int, review: str = "") -> None:
+        self.user.append(user)
+        self.item.append(item)
+        self.rating.append(rating)
+        self.ts.append(ts)
+        self.review.append(review)
+
+    def table(self) -> pa.Table:
+        return pa.table({"user": pa.array(self.user, pa.string()), "item": pa.array(self.item, pa.string()),
+                         "rating": pa.array(self.rating, pa.float64()), "ts": pa.array(self.ts, pa.int64()),
+                         "review": pa.array(self.review, pa.string()),
+                         "seq": pa.array(np.arange(len(self.user), dtype=np.int64))}, schema=RAW_SCHEMA)
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path} (check data.path / data.metadata_path)")
+    return path
+
+
+def _parse_rating(value: object) -> float | None | str:
+    """The rating as a float in [1, 5]; 'bad' if not a number, 'range' if out of [1, 5]."""
+    if isinstance(value, bool):
+        return "bad"
+    try:
+        r = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "bad"
+    if not math.isfinite(r):
+        return "bad"
+    if not RATING_MIN <= r <= RATING_MAX:
+        return "range"
+    return r
+
+
+def _parse_ts(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(f) or f < 0 or f != int(f):
+        return None
+    return int(f)
+
+
+def _check_row(rows: _Rows, skips: SkipReport, file: str, lineno: int, text: str, user: object, item: object,
+               rating: object, ts: object, review: str = "") -> None:
+    """Validate one parsed row and either add it or count it under its reason."""
+    if user is None or item is None or str(user).strip() == "" or str(item).strip() == "":
+        skips.add("missing_field", file, lineno, "empty user or item id", text)
+        return
+    r = _parse_rating(rating)
+    if r == "bad":
+        skips.add("bad_rating", file, lineno, f"rating {rating!r} is not a number", text)
+        return
+    if r == "range":
+        skips.add("rating_out_of_range", file, lineno, f"rating {rating!r} outside [1, 5]", text)
+        return
+    t = _parse_ts(ts)
+    if t is None:
+        skips.add("bad_timestamp", file, lineno, f"timestamp {ts!r} is not a non-negative integer", text)
+        return
+    rows.add(str(user).strip(), str(item).strip(), float(r), t, review)  # type: ignore[arg-type]
+
+
+def _lines(path: Path, skips: SkipReport) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of a plain or gzip file; a truncated/corrupt gzip stops with a skip."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno used after the loop
+                yield lineno, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        # Everything before the damage was read; the rest of the file is lost and reported as one skip.
+        skips.add("truncated_or_corrupt_file", path.name, lineno + 1, f"{type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------------------------------
+# MovieLens
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_ml_titles(path: Path, sep: str, skips: SkipReport) -> dict[str, str]:
+    titles: dict[str, str] = {}
+    for lineno, raw in _lines(path, skips):
+        text = raw.decode("latin-1").rstrip("\r\n")  # GroupLens files are latin-1 (every byte decodes)
+        if not text.strip():
+            continue
+        parts = text.split(sep)
+        if len(parts) < 2 or not parts[0].strip():
+            skips.add("bad_item_line", path.name, lineno, f"expected id{sep}title{sep}...", text)
+            continue
+        titles[parts[0].strip()] = parts[1].strip() or f"item {parts[0].strip()}"
+    return titles
+
+
+def read_movielens(root: str | Path, variant: str) -> RawData:
+    """MovieLens 100K (`u.data` tab-separated + `u.item` '|'-separated) or 1M (`ratings.dat` + `movies.dat`, '::').
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing.
+    """
+    root = Path(root)
+    if variant == "ml-100k":
+        data, items, sep, isep = root / "u.data", root / "u.item", "\t", "|"
+    elif variant == "ml-1m":
+        data, items, sep, isep = root / "ratings.dat", root / "movies.dat", "::", "::"
+    else:
+        raise ValueError(f"unknown MovieLens variant {variant!r}; expected 'ml-100k' or 'ml-1m'")
+    if not root.is_dir():
+        raise FileNotFoundError(f"MovieLens folder not found: {root} (set data.path to the unpacked {variant} folder)")
+    skips = SkipReport()
+    titles = _read_ml_titles(_require_file(items, f"{variant} item file"), isep, skips)
+    rows = _Rows()
+    for lineno, raw in _lines(_require_file(data, f"{variant} ratings file"), skips):
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            skips.add("bad_encoding", data.name, lineno, str(e), raw.decode("latin-1"))
+            continue
+        if not text.strip():
+            continue
+        parts = [p.strip() for p in (text.split(sep) if sep != "\t" else text.split())]
+        if len(parts) != 4:
+            skips.add("wrong_field_count", data.name, lineno, f"expected 4 fields, got {len(parts)}", text)
+            continue
+        u, i, r, t = parts
+        if i not in titles and u and i:
+            skips.add("unknown_item", data.name, lineno, f"item {i!r} is not in {items.name}", text)
+            continue
+        _check_row(rows, skips, data.name, lineno, text, u, i, r, t)
+    return RawData(rows.table(), titles, skips, [data, items], has_reviews=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Amazon 5-core JSON lines
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_line(text: str) -> dict | None:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        # The 2014 metadata dumps are Python dict literals (single quotes), not JSON.
+        try:
+            obj = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_amazon_metadata(path: str | Path, skips: SkipReport) -> dict[str, str]:
+    """asin -> title from a metadata file (JSON lines or Python-literal lines, plain or .gz)."""
+    path = _require_file(Path(path), "Amazon metadata file")
+    titles: dict[str, str] = {}
+    for lineno, raw in _lines(path, skips):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skips.add("bad_encoding", path.name, lineno, str(e), raw.decode("latin-1"))
+            continue
+        if not text.strip():
+            continue
+        obj = _json_line(text)
+        if obj is None:
+            skips.add("bad_metadata_line", path.name, lineno, "not a JSON object", text)
+            continue
+        asin, title = obj.get("asin"), obj.get("title")
+        if isinstance(asin, str) and asin and isinstance(title, str) and title.strip():
+            titles[asin] = " ".join(title.split())
+    return titles
+
+
+def read_amazon(path: str | Path, metadata_path: str | Path | None = None) -> RawData:
+    """Amazon reviews JSON lines (reviewerID, asin, overall, unixReviewTime, reviewText), plain or .gz.
+
+    Titles come from `metadata_path` when given; items without one are named "item <asin>".
+
+    Raises:
+        FileNotFoundError: the reviews file (or the metadata file) is missing.
+    """
+    path = _require_file(Path(path), "Amazon reviews file")
+    skips = SkipReport()
+    rows = _Rows()
+    for lineno, raw in _lines(path, skips):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skips.add("bad_encoding", path.name, lineno, f"not UTF-8: {e}", raw.decode("latin-1"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            skips.add("bad_json", path.name, lineno, str(e), text)
+            continue
+        if not isinstance(obj, dict):
+            skips.add("bad_json", path.name, lineno, f"expected a JSON object, got {type(obj).__name__}", text)
+            continue
+        missing = [k for k in ("reviewerID", "asin", "overall", "unixReviewTime") if obj.get(k) is None]
+        if missing:
+            skips.add("missing_field", path.name, lineno, f"missing {missing}", text)
+            continue
+        review = obj.get("reviewText")
+        if review is not None and not isinstance(review, str):
+            skips.add("bad_review_type", path.name, lineno, f"reviewText is {type(review).__name__}", text)
+            continue
+        if not isinstance(obj["reviewerID"], str) or not isinstance(obj["asin"], str):
+            skips.add("missing_field", path.name, lineno, "reviewerID/asin must be strings", text)
+            continue
+        _check_row(rows, skips, path.name, lineno, text, obj["reviewerID"], obj["asin"], obj["overall"],
+                   obj["unixReviewTime"], review or "")
+    titles: dict[str, str] = {}
+    inputs = [path]
+    if metadata_path:
+        titles = read_amazon_metadata(metadata_path, skips)
+        inputs.append(Path(metadata_path))
+    table = rows.table()
+    for asin in pc.unique(table["item"]).to_pylist():
+        titles.setdefault(asin, f"item {asin}")
+    return RawData(table, titles, skips, inputs, has_reviews=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic Parquet / CSV tables (also the synthetic generator's output)
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_any_table(path: Path) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix in (".csv", ".tsv", ".gz"):
+        delim = "\t" if ".tsv" in path.suffixes else ","
+        # Read every column as bytes: a bad encoding then costs one row, not the whole file.
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delim)
+        types = {h: pa.binary() for h in header}
+        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delim),
+                              convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+    raise ValueError(f"{path}: unsupported table format {path.suffix!r}; use .parquet, .csv or .tsv (optionally .gz)")
+
+
+def _as_text(v: object) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        return v.decode("utf-8")  # may raise UnicodeDecodeError, counted by the caller
+    return str(v)
+
+
+def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
+    """A Parquet/CSV interaction table whose columns are named by `columns` (data.columns).
+
+    `items_path` (data.metadata_path) may name a second table with columns `columns.item` and
+    `columns.title or 'title'` giving item titles; else titles come from `columns.title` in the interaction
+    table, else "item <id>".
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a mapped column is absent (naming it and the columns that exist).
+    """
+    path = _require_file(Path(path), "interaction table")
+    table = _read_any_table(path)
+    wanted = {"user": columns.user, "item": columns.item, "rating": columns.rating, "timestamp": columns.timestamp}
+    if columns.review:
+        wanted["review"] = columns.review
+    if columns.title:
+        wanted["title"] = columns.title
+    if missing := {k: v for k, v in wanted.items() if v not in table.column_names}:
+        raise ValueError(f"{path}: column mapping names columns that do not exist: "
+                         + ", ".join(f"data.columns.{k}={v!r}" for k, v in missing.items())
+                         + f"; the file has {table.column_names}")
+    skips = SkipReport()
+    rows = _Rows()
+    titles: dict[str, str] = {}
+    cols = {k: table.column(v).to_pylist() for k, v in wanted.items()}
+    first_data_line = 2 if path.suffix != ".parquet" else 1  # CSV: line 1 is the header
+    for n in range(table.num_rows):
+        lineno = n + first_data_line
+        try:
+            vals = {k: _as_text(c[n]) if k in ("user", "item", "review", "title") or isinstance(c[n], bytes)
+                    else c[n] for k, c in cols.items()}
+        except UnicodeDecodeError as e:
+            skips.add("bad_encoding", path.name, lineno, f"not UTF-8: {e}")
+            continue
+        text = ",".join(str(v) for v in vals.values())
+        before = len(rows.user)
+        _check_row(rows, skips, path.name, lineno, text, vals["user"], vals["item"], vals["rating"],
+                   vals["timestamp"], vals.get("review") or "")
+        if len(rows.user) > before and vals.get("title"):
+            titles.setdefault(rows.item[-1], " ".join(str(vals["title"]).split()))
+    inputs = [path]
+    if items_path:
+        ipath = _require_file(Path(items_path), "items table")
+        inputs.append(ipath)
+        it = _read_any_table(ipath)
+        tcol = columns.title or "title"
+        if missing_i := [c for c in (columns.item, tcol) if c not in it.column_names]:
+            raise ValueError(f"{ipath}: items table lacks column(s) {missing_i} (data.columns.item / "
+                             f"data.columns.title); it has {it.column_names}")
+        for n, (i, t) in enumerate(zip(it.column(columns.item).to_pylist(), it.column(tcol).to_pylist())):
+            try:
+                i, t = _as_text(i), _as_text(t)
+            except UnicodeDecodeError as e:
+                skips.add("bad_encoding", ipath.name, n + first_data_line, f"not UTF-8: {e}")
+                continue
+            if i and t and t.strip():
+                titles[i.strip()] = " ".join(t.split())
+    tab = rows.table()
+    for i in pc.unique(tab["item"]).to_pylist():
+        titles.setdefault(i, f"item {i}")
+    return RawData(tab, titles, skips, inputs, has_reviews=columns.review is not None)
+
+
+def read_raw(cfg: DataConfig, raw_dir: str | Path | None = None) -> RawData:
+    """Dispatch on cfg.source. For 'synthetic', `raw_dir` holds the generator's interactions + items Parquet."""
+    if cfg.source == "synthetic":
+        if raw_dir is None:
+            raise ValueError("source='synthetic' needs the folder the generator wrote (raw_dir)")
+        from ckf_dist.data.synthetic import INTERACTIONS_FILE, ITEMS_FILE
+
+        cols = ColumnMap(user="user_id", item="item_id", rating="rating", timestamp="timestamp", review="review")
+        return read_table(Path(raw_dir) / INTERACTIONS_FILE, cols, Path(raw_dir) / ITEMS_FILE)
+    if cfg.path is None:
+        raise ValueError(f"data.path is required for data.source={cfg.source!r}")
+    if cfg.source in ("ml-100k", "ml-1m"):
+        return read_movielens(cfg.path, cfg.source)
+    if cfg.source == "amazon":
+        return read_amazon(cfg.path, cfg.metadata_path)
+    if cfg.source == "table":
+        return read_table(cfg.path, cfg.columns, cfg.metadata_path)
+    raise ValueError(f"unknown data.source {cfg.source!r}")
