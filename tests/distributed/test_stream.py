@@ -19,25 +19,33 @@ def prepared(tmp_path_factory) -> str:
     return str(d)
 
 
-def _stream_two_epochs(rank: int, world: int, prepared_dir: str, task: str) -> dict:
+def _stream_two_epochs(rank: int, world: int, prepared_dir: str, tasks: list[str]) -> dict:
     import torch.distributed as dist
 
     from ckf_dist.data.ray_stream import TaskStream
 
-    s = TaskStream(prepared_dir, "train", task, rank, world, seed=3)
-    epochs = [[next(s)["key"] for _ in range(s.epoch_size)] for _ in range(2)]
-    # Every rank must agree on the number of batches per epoch (no rank waits forever at an epoch end).
-    n = [None] * world
-    dist.all_gather_object(n, s.epoch_size)
-    return {"epochs": epochs, "sizes": n, "num_samples": s.num_samples}
+    out = {}
+    for task in tasks:
+        s = TaskStream(prepared_dir, "train", task, rank, world, seed=3)
+        epochs = [[next(s)["key"] for _ in range(s.epoch_size)] for _ in range(2)]
+        # Every rank must agree on the number of batches per epoch (no rank waits forever at an epoch end).
+        n = [None] * world
+        dist.all_gather_object(n, s.epoch_size)
+        out[task] = {"epochs": epochs, "sizes": n, "num_samples": s.num_samples}
+    return out
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("task", ["ctr", "rating"])
-def test_two_ranks_disjoint_union_equal(prepared, task):
+def test_two_ranks_disjoint_union_equal(prepared):
+    tasks = ["ctr", "topk", "rating", "exp"]
+    res0, res1 = run_ranks(_stream_two_epochs, world=2, args=(prepared, tasks), timeout=90)
+    for task in tasks:
+        _check(prepared, task, res0[task], res1[task])
+
+
+def _check(prepared: str, task: str, r0: dict, r1: dict) -> None:
     from ckf_dist.data.prompts import load_samples
 
-    r0, r1 = run_ranks(_stream_two_epochs, world=2, args=(prepared, task), timeout=90)
     all_keys = {s["key"] for s in load_samples(prepared, "train", [task])}
     n = len(all_keys)
     assert r0["num_samples"] == r1["num_samples"] == n
