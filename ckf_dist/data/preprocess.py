@@ -166,6 +166,7 @@ def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
     uids = batch["uid"].to_numpy()
     iids = batch["iid"].to_numpy()
     ratings = batch["rating"].to_numpy()
+    stamps = batch["ts"].to_numpy()
     splits = batch["split"].to_numpy()
     reviews = batch["review"].to_pylist()
     out: dict[str, list] = {"split": [], "task": [], "uid": [], "n": [], "key": [], "json": []}
@@ -183,18 +184,21 @@ def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
         n_train = len(train_idx)
         is_cold = n_train <= ctx.cold_threshold
         pool = np.setdiff1d(all_items, u_items)  # items this user never interacted with (any split)
-        # Targets: training windows (history = strictly earlier training items), then the held-out items
-        # with the full training history.
+        # Targets: training windows, then the held-out items with the training history. A history holds only
+        # training items STRICTLY earlier than the target (same-timestamp items, e.g. Amazon's day-resolution
+        # times, are left out: their order is unknown).
+        train_ts = stamps[s:e][train_idx]
         targets: list[tuple[str, int, np.ndarray]] = []
         train_targets = list(range(1, n_train))
         if ctx.train_windows_per_user > 0:
             train_targets = train_targets[-ctx.train_windows_per_user:]
         for j in train_targets:
-            targets.append(("train", int(train_idx[j]), train_idx[max(0, j - H):j]))
-        hist_all = train_idx[-H:]
+            c = int(np.searchsorted(train_ts, train_ts[j], side="left"))
+            targets.append(("train", int(train_idx[j]), train_idx[max(0, c - H):c]))
         for sp in ("valid", "test"):
             (where,) = np.flatnonzero(u_split == SPLIT_CODE[sp])
-            targets.append((sp, int(where), hist_all))
+            c = int(np.searchsorted(train_ts, stamps[s + where], side="left"))
+            targets.append((sp, int(where), train_idx[max(0, c - H):c]))
         counters: dict[tuple[str, str], int] = {}
 
         def emit(sp: str, task: str, sample: dict[str, Any]) -> None:
@@ -287,7 +291,7 @@ def build_samples(table: pa.Table, ctx: BuildContext, engine: str = "ray", num_b
 
     Both give the same rows in the same canonical order (sorted by split, task, uid, n).
     """
-    cols = table.select(["uid", "iid", "rating", "review", "split"])
+    cols = table.select(["uid", "iid", "rating", "ts", "review", "split"])
     blocks = _user_blocks(cols, num_blocks)
     if engine == "local":
         parts = [build_user_samples(b, ctx) for b in blocks]
