@@ -46,13 +46,11 @@ def layout(results: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
     return {t: sorted(found[t], key=lambda m: m != "n") for t in TASKS if t in found}
 
 
-def fmt(value: Any) -> str:
-    """4 significant decimals; counts as integers; None / missing / NaN as the absent mark."""
+def fmt(value: Any, count: bool = False) -> str:
+    """4 decimals, or an integer for a count; None / missing / NaN as the absent mark."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ABSENT
-    if isinstance(value, (int, float)) and float(value).is_integer() and abs(value) >= 10:
-        return str(int(value))
-    return f"{float(value):.4f}"
+    return str(int(value)) if count else f"{float(value):.4f}"
 
 
 def table_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
@@ -63,7 +61,7 @@ def table_rows(results: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
             for model, metrics in results.items():
                 # A key the model does not report (the CF model writes no explanations) is absent too.
                 vals = [metrics.get(f"{metric}_{task}{g}") for g, _ in GROUP_NAMES]
-                rows.append([task, metric, model, *[fmt(v) for v in vals]])
+                rows.append([task, metric, model, *[fmt(v, count=metric == "n") for v in vals]])
     return rows
 
 

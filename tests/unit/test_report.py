@@ -13,7 +13,7 @@ from ckf_dist.eval.report import format_table, parse_key, read_tb_scalars, write
 def fake_results() -> dict[str, dict]:
     ckf = {"n_ctr": 40.0, "n_ctr/warm": 30.0, "n_ctr/cold": 10.0, "auc_ctr": 0.7512, "auc_ctr/warm": 0.74,
            "auc_ctr/cold": 0.78, "uauc_ctr": 0.66, "uauc_ctr/warm": 0.65, "uauc_ctr/cold": None,
-           "n_rating": 40.0, "rmse_rating": 1.02, "rmse_rating/warm": 0.98, "rmse_rating/cold": 1.10,
+           "n_rating": 40.0, "n_rating/warm": 40.0, "n_rating/cold": 0.0, "rmse_rating": 1.02, "rmse_rating/warm": 0.98, "rmse_rating/cold": 1.10,
            "n_exp": 12.0, "bleu4_exp": 3.21, "bleu4_exp/warm": 3.0, "bleu4_exp/cold": None}
     text = {k: (v - 0.1 if isinstance(v, float) and "auc" in k else v) for k, v in ckf.items()}
     cf = {"n_ctr": 40.0, "auc_ctr": 0.70, "auc_ctr/warm": 0.71, "auc_ctr/cold": 0.66, "uauc_ctr": 0.6,
@@ -56,6 +56,7 @@ def test_write_report_files_and_tables(tmp_path: Path) -> None:
     assert "| bleu4 | CF (BPR) | — | — | — |" in md  # key not reported at all: absent too
     assert "| uauc | CKF | 0.6600 | 0.6500 | — |" in md
     assert "| n | CKF | 40 | 30 | 10 |" in md
+    assert "| n | CKF | 40 | 40 | 0 |" in md and "| n | CF (BPR) | 40 | — | — |" in md
     assert md.index("## CTR") < md.index("## Rating") < md.index("## Explanation")
 
     text = format_table(results)
