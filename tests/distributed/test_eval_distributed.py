@@ -117,10 +117,12 @@ def _rank_eval(rank: int, world: int, tok_dir: str) -> dict[str, tuple[dict, int
     from ckf_dist.model.llm import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
+    # A single explanation sample: rank 1 has no real share of that task and must still make the same calls.
+    samples = [s for s in make_samples() if s["task"] != "exp" or s["uid"] == 1]
     out = {}
     for variant in ("cf", "text"):
         model = FakeCKF(len(tok))
-        metrics = evaluate_model(model, tok, make_samples(), eval_cfg(), variant=variant, rank=rank, world=world)
+        metrics = evaluate_model(model, tok, samples, eval_cfg(), variant=variant, rank=rank, world=world)
         out[variant] = (metrics, model.calls, model.gen_calls)
     return out
 
@@ -141,5 +143,6 @@ def test_two_ranks_equal_one_rank(tiny_llm_dir: str) -> None:
             assert (v is None) == (m0[k] is None), k
             if v is not None:
                 assert m0[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
-        # 7 users: 12 CTR samples (6 + 6 per rank), 7 of every other task (4 + 3): each counted exactly once.
-        assert one["n_ctr"] == 12 and one["n_topk"] == 7 and one["n_exp/cold"] + one["n_exp/warm"] == 7
+        # 7 users: 12 CTR samples (6 + 6 per rank), 7 top-K / rating (4 + 3), 1 explanation (1 + 0 and a dummy).
+        assert one["n_ctr"] == 12 and one["n_topk"] == 7 and one["n_rating"] == 7 and one["n_exp"] == 1
+        assert one["n_exp/warm"] == 1 and one["bleu4_exp/cold"] is None
