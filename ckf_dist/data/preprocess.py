@@ -152,8 +152,11 @@ def _rng(seed: int, uid: int, task: str) -> np.random.Generator:
 
 
 def _sample_negatives(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray | None:
+    """k distinct items of `pool` (None if it has fewer)."""
     if len(pool) < k:
         return None
+    if k == 1:  # the common CTR case; much cheaper than choice(replace=False)
+        return pool[rng.integers(len(pool), size=1)]
     return pool[rng.choice(len(pool), size=k, replace=False)]
 
 
@@ -168,12 +171,12 @@ def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
     ratings = batch["rating"].to_numpy()
     stamps = batch["ts"].to_numpy()
     splits = batch["split"].to_numpy()
-    reviews = batch["review"].to_pylist()
+    reviews = batch["review"].to_pylist() if "exp" in ctx.tasks else []
     out: dict[str, list] = {"split": [], "task": [], "uid": [], "n": [], "key": [], "json": []}
     notes: dict[tuple[str, int], int] = {}
     starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]])
     ends = np.r_[starts[1:], len(uids)]
-    all_items = np.arange(ctx.num_items, dtype=np.int64)
+    unseen = np.ones(ctx.num_items, dtype=bool)
     titles = ctx.titles
     H = ctx.history_len
     for s, e in zip(starts, ends):
@@ -183,7 +186,9 @@ def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
         train_idx = np.flatnonzero(u_split == 0)
         n_train = len(train_idx)
         is_cold = n_train <= ctx.cold_threshold
-        pool = np.setdiff1d(all_items, u_items)  # items this user never interacted with (any split)
+        unseen[u_items] = False
+        pool = np.flatnonzero(unseen)  # items this user never interacted with (any split)
+        unseen[u_items] = True
         # Targets: training windows, then the held-out items with the training history. A history holds only
         # training items STRICTLY earlier than the target (same-timestamp items, e.g. Amazon's day-resolution
         # times, are left out: their order is unknown).
@@ -302,8 +307,11 @@ def build_samples(table: pa.Table, ctx: BuildContext, engine: str = "ray", num_b
         try:
             ds = ray.data.from_arrow(blocks)
             # batch_size=None: one batch = one input block = whole users (the builder needs a user's full timeline).
+            # concurrency = physical cores: more Ray workers than cores only adds start-up (imports) on small
+            # machines, while ray_num_cpus stays larger so Ray Data's own operators never starve.
             ds = ds.map_batches(build_user_samples, fn_kwargs={"ctx": ctx}, batch_size=None,
-                                batch_format="pyarrow", zero_copy_batch=True)
+                                batch_format="pyarrow", zero_copy_batch=True,
+                                concurrency=max(1, min(os.cpu_count() or 1, ray_num_cpus, len(blocks))))
             parts = [pa.table(t) if not isinstance(t, pa.Table) else t for t in ray.get(ds.to_arrow_refs())]
         finally:
             if started:
@@ -324,6 +332,12 @@ def init_local_ray(num_cpus: int, object_store_mb: int) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's workers must import ckf_dist even when it is run from a checkout rather than installed; they
+    # inherit this environment.
+    root = str(Path(__file__).resolve().parents[2])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p]])
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
@@ -385,7 +399,7 @@ def _complete(prepared_dir: Path, manifest: dict[str, Any]) -> bool:
                for rel, meta in manifest.get("files", {}).items())
 
 
-def prepare_data(cfg: DataConfig, force: bool = False, engine: str = "ray") -> dict[str, Any]:
+def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None) -> dict[str, Any]:
     """Read, preprocess and write one prepared dataset under cfg.prepared_dir; returns its manifest.
 
     Idempotent: a complete manifest for the same config and input files is returned as is (unless `force`).
@@ -395,7 +409,8 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str = "ray") -> d
     Args:
         cfg: the data section.
         force: rebuild even if an up-to-date dataset exists.
-        engine: 'ray' (Ray Data map_batches, the default) or 'local' (same code in this process).
+        engine: 'ray' (Ray Data map_batches) or 'local' (the same code in this process, byte-identical output);
+            default: $CKF_DATA_ENGINE, else 'ray'.
 
     Raises:
         FileNotFoundError: an input file is missing.
@@ -403,6 +418,9 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str = "ray") -> d
     """
     if probs := cfg.problems("data"):
         raise ValueError("invalid data config:\n" + "\n".join(probs))
+    engine = engine or os.environ.get("CKF_DATA_ENGINE", "ray")
+    if engine not in ("ray", "local"):
+        raise ValueError(f"data engine {engine!r} (CKF_DATA_ENGINE) must be 'ray' or 'local'")
     out_dir = Path(cfg.prepared_dir)
     fingerprint = config_fingerprint(cfg)
     inputs = _input_fingerprint(cfg)
@@ -485,7 +503,8 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
                        ctr_negatives=cfg.ctr_negatives, num_candidates=cfg.num_candidates,
                        max_explanation_words=cfg.max_explanation_words,
                        train_windows_per_user=cfg.train_windows_per_user, cold_threshold=cfg.cold_threshold)
-    samples = build_samples(table, ctx, engine, num_blocks=max(2, min(32, len(users) // 50)),
+    num_blocks = max(2, min(4 * (os.cpu_count() or 1), len(users) // 50))
+    samples = build_samples(table, ctx, engine, num_blocks=num_blocks,
                             ray_num_cpus=cfg.ray_num_cpus, ray_object_store_mb=cfg.ray_object_store_mb)
     is_note = pc.equal(samples["split"], "")
     notes = samples.filter(is_note)
