@@ -56,6 +56,7 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
     paths = check_run_dir(cfg)  # before the heavy imports: a wrong path fails in a second, naming the fix
 
     from ckf_dist.cf.export import load_cf_embeddings
+    from ckf_dist.data.preprocess import manifest_sha256
     from ckf_dist.eval.report import format_table, write_report
     from ckf_dist.model.export import load_ckf_model
     from ckf_dist.model.llm import load_tokenizer
@@ -63,7 +64,8 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
     from ckf_dist.train.loop import evaluate_all
 
     rank, world = init_distributed(cfg)
-    cf = load_cf_embeddings(paths["cf"])
+    # Tables trained on other data would pair embeddings with the wrong users: refused, both checksums named.
+    cf = load_cf_embeddings(paths["cf"], expected_manifest_sha=manifest_sha256(paths["prepared"]))
     tokenizer = load_tokenizer(paths["base_model"])
     model = load_ckf_model(paths["base_model"], paths["adapters"], cf.user, cf.item, cfg.model, cfg.multi_lora)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
