@@ -140,9 +140,9 @@ def write_report(run_dir: str | Path, results: dict[str, dict[str, Any]], tb_dir
     for task, names in layout(clean).items():
         paths[f"plot_{task}"] = plot_task(clean, task, [n for n in names if n != "n"], plots / f"{task}.png")
     if tb_dir is not None:
-        curves = read_tb_scalars(tb_dir, prefixes=("train/", "valid/"))
-        if curves:
-            paths["training_curves"] = plot_training_curves(curves, plots / "training_curves.png")
+        runs = read_tb_runs(tb_dir, prefixes=("train/", "valid/"))
+        if runs:
+            paths["training_curves"] = plot_training_curves(runs, plots / "training_curves.png")
     paths["tensorboard"] = write_tb_scalars(clean, Path(tb_dir) if tb_dir else run_dir / "tb", step)
     return paths
 
@@ -200,24 +200,37 @@ def plot_task(results: Mapping[str, Mapping[str, Any]], task: str, names: list[s
 
 def read_tb_scalars(tb_dir: str | Path, prefixes: tuple[str, ...] = ("train/",)) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] of every scalar whose tag starts with one of `prefixes`, from all event files
-    below tb_dir (later files win on repeated steps, e.g. after a resume)."""
+    below tb_dir merged (later files win on repeated steps, e.g. after a resume)."""
+    merged: dict[str, dict[int, float]] = {}
+    for curves in read_tb_runs(tb_dir, prefixes, skip=()).values():
+        for tag, points in curves.items():
+            merged.setdefault(tag, {}).update(points)
+    return {t: sorted(v.items()) for t, v in merged.items()}
+
+
+def read_tb_runs(tb_dir: str | Path, prefixes: tuple[str, ...] = ("train/",), skip: tuple[str, ...] = ("report",)
+                 ) -> dict[str, dict[str, dict[int, float]]]:
+    """run -> tag -> {step: value}: one run per folder holding event files (e.g. 'ckf' and 'cf', which both log
+    'train/loss' and must not be drawn as one curve); folders under `skip` (this report's own scalars) left out."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: dict[str, dict[int, float]] = {}
-    for d in sorted({p.parent for p in Path(tb_dir).rglob("events.out.tfevents*")}):
+    root = Path(tb_dir)
+    runs: dict[str, dict[str, dict[int, float]]] = {}
+    dirs = {p.parent.relative_to(root).as_posix(): p.parent for p in root.rglob("events.out.tfevents*")}
+    for name in sorted(dirs, key=lambda n: (n != "ckf", n)):  # the CKF run on top, then e.g. 'cf'
+        d = dirs[name]
+        if name.split("/")[0] in skip:
+            continue
         acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
             if tag.startswith(prefixes):
                 for ev in acc.Scalars(tag):
-                    out.setdefault(tag, {})[ev.step] = ev.value
-    return {t: sorted(v.items()) for t, v in out.items()}
+                    runs.setdefault(name, {}).setdefault(tag, {})[ev.step] = ev.value
+    return runs
 
 
-def plot_training_curves(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Panels: training losses (total and per task), the curriculum's text-prompt weight and the learning rate,
-    and overall validation metrics -- whichever the logs hold."""
-    plt = _pyplot()
+def _curve_panels(curves: Mapping[str, Any]) -> dict[str, list[str]]:
     panels = {
         "training loss": [t for t in curves if t.startswith("train/loss")],
         "validation (overall)": [t for t in curves if t.startswith("valid/") and not t.endswith(("/warm", "/cold"))
@@ -226,17 +239,28 @@ def plot_training_curves(curves: Mapping[str, list[tuple[int, float]]], path: Pa
         "learning rate": [t for t in curves if t == "train/lr"],
     }
     panels = {k: v for k, v in panels.items() if v}
-    if not panels:
-        panels = {"scalars": list(curves)[:8]}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, tags) in zip(axes.flat, panels.items()):
-        for tag in sorted(tags)[:10]:
-            steps, vals = zip(*curves[tag])
-            ax.plot(steps, vals, label=tag.split("/", 1)[1], marker="." if len(steps) < 30 else None)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    return panels or {"scalars": list(curves)[:8]}
+
+
+def plot_training_curves(runs: Mapping[str, Mapping[str, Mapping[int, float]]], path: Path) -> Path:
+    """One row per TensorBoard run (e.g. 'ckf', 'cf'); panels: training losses (total and per task), overall
+    validation metrics, the curriculum's text-prompt weight and the learning rate -- whichever the run logged."""
+    plt = _pyplot()
+    layout_ = {run: _curve_panels(curves) for run, curves in runs.items()}
+    cols = max(len(p) for p in layout_.values())
+    fig, axes = plt.subplots(len(runs), cols, figsize=(4.8 * cols, 3.4 * len(runs)), squeeze=False)
+    for r, (run, panels) in enumerate(layout_.items()):
+        for c, (title, tags) in enumerate(panels.items()):
+            ax = axes[r, c]
+            for tag in sorted(tags)[:10]:
+                steps, vals = zip(*sorted(runs[run][tag].items()))
+                ax.plot(steps, vals, label=tag.split("/", 1)[1], marker="." if len(steps) < 30 else None)
+            ax.set_title(f"{run}: {title}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for c in range(len(panels), cols):
+            axes[r, c].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

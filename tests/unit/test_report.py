@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ckf_dist.eval.report import format_table, parse_key, read_tb_scalars, write_report
+from ckf_dist.eval.report import format_table, parse_key, read_tb_runs, read_tb_scalars, write_report
 
 
 def fake_results() -> dict[str, dict]:
@@ -40,6 +40,10 @@ def test_write_report_files_and_tables(tmp_path: Path) -> None:
         w.add_scalar("train/text_weight", 1.0 - step / 5, step)
     w.add_scalar("valid/auc_ctr", 0.6, 5)
     w.close()
+    w = SummaryWriter(str(tb / "cf"))  # the CF stage logs the same tag names: a separate run, not one curve
+    for epoch in range(3):
+        w.add_scalar("train/loss", 0.9 - 0.1 * epoch, epoch)
+    w.close()
 
     results = fake_results()
     paths = write_report(tmp_path, results, tb_dir=str(tb), step=5)
@@ -69,6 +73,10 @@ def test_write_report_files_and_tables(tmp_path: Path) -> None:
     assert read_tb_scalars(tb / "report" / "CF_BPR", ("test/",))["test/auc_ctr"] == [(5, pytest.approx(0.70))]
     assert "test/rmse_rating" not in read_tb_scalars(tb / "report" / "CF_BPR", ("test/",))
     assert set(read_tb_scalars(tb, ("train/",))) == {"train/loss", "train/loss_ctr", "train/text_weight"}
+    runs = read_tb_runs(tb, ("train/", "valid/"))
+    assert set(runs) == {"ckf", "cf"}  # the report's own tb/report/* scalars are not training curves
+    assert runs["cf"]["train/loss"] == {0: pytest.approx(0.9), 1: pytest.approx(0.8), 2: pytest.approx(0.7)}
+    assert runs["ckf"]["train/loss"][1] == pytest.approx(2.0)
 
 
 def test_write_report_rejects_bad_values(tmp_path: Path) -> None:
