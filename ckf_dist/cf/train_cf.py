@@ -335,7 +335,8 @@ def train_cf(cfg: RunConfig) -> dict[str, float | None]:
 def run_ray_train(cfg: RunConfig, num_workers: int) -> dict[str, float | None]:
     """Run `train_cf(cfg)` as a Ray Train TorchTrainer job with `num_workers` data-parallel workers.
 
-    Connects to the cluster named by RAY_ADDRESS, else starts a small local Ray. Returns rank 0's metrics.
+    Connects to the cluster named by RAY_ADDRESS, else starts a small local Ray. Returns rank 0's metrics (read
+    back from <log.run_dir>/cf/metrics.json, which must be on storage the driver sees).
 
     Raises:
         ValueError: num_workers < 1.
@@ -354,9 +355,15 @@ def run_ray_train(cfg: RunConfig, num_workers: int) -> dict[str, float | None]:
         else:
             ray.init(num_cpus=max(8, num_workers + 2), object_store_memory=512 * 2**20, include_dashboard=False)
     use_gpu = torch.cuda.is_available()
+    cfg_dict = cfg.to_dict()
+    # Ray workers may run in another working directory: hand them absolute paths.
+    cfg_dict["data"]["prepared_dir"] = str(Path(cfg.data.prepared_dir).resolve())
+    cfg_dict["log"]["run_dir"] = str(Path(cfg.log.run_dir).resolve())
+    cfg_dict["cf"]["embeddings_path"] = str(cfg.cf_embeddings_path.resolve())
+    cfg_dict["log"]["progress"] = False  # worker stdout is forwarded line by line; a bar would flood it
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": cfg.to_dict()},
+        train_loop_config={"cfg": cfg_dict},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(name="cf", storage_path=str(Path(cfg.log.run_dir, "ray").resolve())),
@@ -367,7 +374,10 @@ def run_ray_train(cfg: RunConfig, num_workers: int) -> dict[str, float | None]:
         raise RuntimeError(f"Ray Train CF job ({num_workers} workers) failed: {e}") from e
     if getattr(result, "error", None):
         raise RuntimeError(f"Ray Train CF job ({num_workers} workers) failed: {result.error}")
-    return {k: v for k, v in (result.metrics or {}).items() if "/" in k or k in ("best_epoch", "epochs_run")}
+    # Ray Train v2 keeps reported metrics only alongside checkpoints; rank 0's metrics.json is the record.
+    import json
+
+    return json.loads((Path(cfg_dict["log"]["run_dir"]) / "cf" / "metrics.json").read_text())
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
