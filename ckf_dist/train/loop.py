@@ -168,9 +168,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if rank == 0:
         from ckf_dist.eval.report import format_table, write_report
 
-        paths = write_report(run_dir, results, tb_dir=str(run_dir / "tb"))
-        for name, metrics in results.items():
-            logger.log_dict({f"test/{k}[{name}]": v for k, v in metrics.items()}, cfg.train.max_steps)
+        # Also writes the test metrics as TensorBoard scalars under tb/report/<model>/.
+        paths = write_report(run_dir, results, tb_dir=str(run_dir / "tb"), step=cfg.train.max_steps)
         print(format_table(results))
         print(f"[ckf] report: {', '.join(str(p) for p in paths.values())}")
     logger.close()
