@@ -9,6 +9,7 @@ mapping raises a ValueError/FileNotFoundError that names it.
 from __future__ import annotations
 
 import ast
+import csv
 import gzip
 import json
 import math
@@ -20,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ckf_dist.config import ColumnMap, DataConfig
@@ -286,26 +286,61 @@ def read_amazon(path: str | Path, metadata_path: str | Path | None = None) -> Ra
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_any_table(path: Path) -> pa.Table:
+def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[int, dict[str, object]]]]:
+    """Column names and (line or row number, record) pairs of a Parquet / CSV / TSV (optionally .gz) table.
+
+    CSV is parsed with the csv module so that every record keeps its true line number; a record with the wrong
+    number of fields or with bytes that are not UTF-8 is skipped and counted.
+    """
     if path.suffix == ".parquet":
-        return pq.read_table(path)
-    if path.suffix in (".csv", ".tsv", ".gz"):
-        delim = "\t" if ".tsv" in path.suffixes else ","
-        # Read every column as bytes: a bad encoding then costs one row, not the whole file.
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delim)
-        types = {h: pa.binary() for h in header}
-        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delim),
-                              convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
-    raise ValueError(f"{path}: unsupported table format {path.suffix!r}; use .parquet, .csv or .tsv (optionally .gz)")
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
 
+        def parquet_rows() -> Iterator[tuple[int, dict[str, object]]]:
+            n = 0
+            for batch in pf.iter_batches(batch_size=65536):
+                for rec in batch.to_pylist():
+                    n += 1
+                    yield n, rec
 
-def _as_text(v: object) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bytes):
-        return v.decode("utf-8")  # may raise UnicodeDecodeError, counted by the caller
-    return str(v)
+        return names, parquet_rows()
+    if not any(x in (".csv", ".tsv") for x in path.suffixes):
+        raise ValueError(f"{path}: unsupported table format {''.join(path.suffixes)!r}; use .parquet, .csv or .tsv "
+                         f"(optionally .gz)")
+    delim = "\t" if ".tsv" in path.suffixes else ","
+    opener = gzip.open if path.suffix == ".gz" else open
+    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row costs one row, not the file.
+    f = opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+    reader = csv.reader(f, delimiter=delim)
+    try:
+        names = next(reader)
+    except StopIteration:
+        f.close()
+        raise ValueError(f"{path}: empty file (no header line)") from None
+
+    def csv_rows() -> Iterator[tuple[int, dict[str, object]]]:
+        with f:
+            try:
+                for row in reader:
+                    line = reader.line_num
+                    text = delim.join(row)
+                    if not row:
+                        continue
+                    if len(row) != len(names):
+                        skips.add("wrong_field_count", path.name, line, f"expected {len(names)} fields, got {len(row)}",
+                                  text.encode("utf-8", "surrogateescape").decode("latin-1"))
+                        continue
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        skips.add("bad_encoding", path.name, line, f"not UTF-8: {e.reason} at column {e.start}",
+                                  text.encode("utf-8", "surrogateescape").decode("latin-1"))
+                        continue
+                    yield line, dict(zip(names, row))
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError, csv.Error) as e:
+                skips.add("truncated_or_corrupt_file", path.name, reader.line_num + 1, f"{type(e).__name__}: {e}")
+
+    return names, csv_rows()
 
 
 def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
@@ -320,52 +355,44 @@ def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | No
         ValueError: a mapped column is absent (naming it and the columns that exist).
     """
     path = _require_file(Path(path), "interaction table")
-    table = _read_any_table(path)
+    skips = SkipReport()
+    names, records = _records(path, skips)
     wanted = {"user": columns.user, "item": columns.item, "rating": columns.rating, "timestamp": columns.timestamp}
     if columns.review:
         wanted["review"] = columns.review
     if columns.title:
         wanted["title"] = columns.title
-    if missing := {k: v for k, v in wanted.items() if v not in table.column_names}:
+    if missing := {k: v for k, v in wanted.items() if v not in names}:
         raise ValueError(f"{path}: column mapping names columns that do not exist: "
                          + ", ".join(f"data.columns.{k}={v!r}" for k, v in missing.items())
-                         + f"; the file has {table.column_names}")
-    skips = SkipReport()
+                         + f"; the file has {names}")
     rows = _Rows()
     titles: dict[str, str] = {}
-    cols = {k: table.column(v).to_pylist() for k, v in wanted.items()}
-    first_data_line = 2 if path.suffix != ".parquet" else 1  # CSV: line 1 is the header
-    for n in range(table.num_rows):
-        lineno = n + first_data_line
-        try:
-            vals = {k: _as_text(c[n]) if k in ("user", "item", "review", "title") or isinstance(c[n], bytes)
-                    else c[n] for k, c in cols.items()}
-        except UnicodeDecodeError as e:
-            skips.add("bad_encoding", path.name, lineno, f"not UTF-8: {e}")
-            continue
+    for lineno, rec in records:
+        vals = {k: rec[v] for k, v in wanted.items()}
         text = ",".join(str(v) for v in vals.values())
+        review = vals.get("review")
+        if review is not None and not isinstance(review, str):
+            skips.add("bad_review_type", path.name, lineno, f"review is {type(review).__name__}", text)
+            continue
         before = len(rows.user)
         _check_row(rows, skips, path.name, lineno, text, vals["user"], vals["item"], vals["rating"],
-                   vals["timestamp"], vals.get("review") or "")
+                   vals["timestamp"], review or "")
         if len(rows.user) > before and vals.get("title"):
             titles.setdefault(rows.item[-1], " ".join(str(vals["title"]).split()))
     inputs = [path]
     if items_path:
         ipath = _require_file(Path(items_path), "items table")
         inputs.append(ipath)
-        it = _read_any_table(ipath)
+        inames, irecords = _records(ipath, skips)
         tcol = columns.title or "title"
-        if missing_i := [c for c in (columns.item, tcol) if c not in it.column_names]:
+        if missing_i := [c for c in (columns.item, tcol) if c not in inames]:
             raise ValueError(f"{ipath}: items table lacks column(s) {missing_i} (data.columns.item / "
-                             f"data.columns.title); it has {it.column_names}")
-        for n, (i, t) in enumerate(zip(it.column(columns.item).to_pylist(), it.column(tcol).to_pylist())):
-            try:
-                i, t = _as_text(i), _as_text(t)
-            except UnicodeDecodeError as e:
-                skips.add("bad_encoding", ipath.name, n + first_data_line, f"not UTF-8: {e}")
-                continue
-            if i and t and t.strip():
-                titles[i.strip()] = " ".join(t.split())
+                             f"data.columns.title); it has {inames}")
+        for _, rec in irecords:
+            i, t = rec[columns.item], rec[tcol]
+            if i is not None and str(i).strip() and isinstance(t, str) and t.strip():
+                titles[str(i).strip()] = " ".join(t.split())
     tab = rows.table()
     for i in pc.unique(tab["item"]).to_pylist():
         titles.setdefault(i, f"item {i}")

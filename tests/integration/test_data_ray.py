@@ -33,16 +33,14 @@ def test_ray_engine_matches_local_and_streams(tmp_path, local_ray):
 
     keys = {s["key"] for s in load_samples(tmp_path / "ray", "train", ["rating"])}
     its = streaming_split_iterators(tmp_path / "ray", "train", "rating", world=2, seed=0)
-    # Consumers must run concurrently (streaming_split is a coordinated pull); threads stand in for ranks.
+    # Consumers must run concurrently (streaming_split is a coordinated pull); threads stand in for ranks. Each
+    # reads one full epoch (an abandoned epoch would leave a driver thread polling Ray after shutdown).
     import threading
 
     got: list[list[str]] = [[], []]
 
     def consume(r: int) -> None:
-        stream = RayShardStream("rating", iterator=its[r])
-        while stream.epoch == 0:
-            got[r].append(next(stream)["key"])
-        got[r].pop()  # the first sample of epoch 1 was drawn to detect the epoch end
+        got[r] = [row["json"]["key"] for row in its[r].iter_rows()]
 
     threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
     for t in threads:
@@ -52,3 +50,13 @@ def test_ray_engine_matches_local_and_streams(tmp_path, local_ray):
     assert len(got[0]) == len(got[1]) > 0
     assert not set(got[0]) & set(got[1])
     assert len(keys) - 1 <= len(set(got[0]) | set(got[1])) <= len(keys)  # equal=True drops < world rows
+    del its
+
+    # RayShardStream rolls over epochs of a (non-split) DataIterator.
+    from ckf_dist.data.ray_stream import ray_dataset
+
+    stream = RayShardStream("rating", iterator=ray_dataset(tmp_path / "ray", "train", "rating").iterator())
+    first = [next(stream)["key"] for _ in range(len(keys))]
+    assert set(first) == keys and stream.epoch == 0
+    next(stream)
+    assert stream.epoch == 1 and stream.position == 1

@@ -130,12 +130,17 @@ def test_table_csv_mapping_types_and_encoding(tmp_path):
                   b"b,x,3.5,1e2,X Movie\n"   # float-looking integer time is accepted
                   b"b,z,2,-1,Z\n"            # bad_timestamp
                   b"c,\xe9t\xe9,5,100,E\n"   # latin-1 bytes: bad_encoding
+                  b"c,w,5\n"                # wrong_field_count
+                  b'd,"v, the second",4,7,"V, a title"\n'  # quoted delimiter: fine
                   b",x,5,100,X\n")           # missing_field
     cols = ColumnMap(user="uid", item="item", rating="stars", timestamp="time", title="title")
     raw = read_table(p, cols)
-    assert raw.interactions.num_rows == 2
-    assert dict(raw.skips.counts) == {"bad_rating": 1, "bad_timestamp": 1, "bad_encoding": 1, "missing_field": 1}
-    assert raw.skips.to_dict()["examples"]["bad_rating"][0]["line"] == 3  # header is line 1
-    assert raw.titles == {"x": "X Movie"}
+    assert raw.interactions.num_rows == 3
+    assert dict(raw.skips.counts) == {"bad_rating": 1, "bad_timestamp": 1, "bad_encoding": 1, "missing_field": 1,
+                                      "wrong_field_count": 1}
+    ex = raw.skips.to_dict()["examples"]
+    assert ex["bad_rating"][0]["line"] == 3 and ex["bad_encoding"][0]["line"] == 6  # header is line 1
+    assert ex["missing_field"][0]["line"] == 9
+    assert raw.titles == {"x": "X Movie", "v, the second": "V, a title"}
     with pytest.raises(ValueError, match=r"data.columns.rating='rating'.*\['uid', 'item', 'stars', 'time', 'title'\]"):
         read_table(p, ColumnMap(user="uid", item="item", timestamp="time"))
