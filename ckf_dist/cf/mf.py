@@ -1,7 +1,7 @@
 """Matrix factorisation models of the CF stage (CKEM): biased MF for explicit ratings, BPR-MF for implicit feedback.
 
 The trainer uses `forward(uid, iid) -> (B,)` scores, the per-sample squared norm of the parameters a sample
-touches (SGD-style L2: `l2` for MF, inside `bpr_terms` for BPR), and `tables()`, the exported user/item tables
+touches (SGD-style L2: `mse_terms` for MF, `bpr_terms` for BPR), and `tables()`, the exported user/item tables
 (and biases for MF).
 """
 
@@ -46,10 +46,12 @@ class BiasedMF(nn.Module):
         dot = (self.user(uid) * self.item(iid)).sum(-1)  # (B,)
         return self.global_bias + self.user_bias(uid).squeeze(-1) + self.item_bias(iid).squeeze(-1) + dot
 
-    def l2(self, uid: torch.Tensor, iid: torch.Tensor) -> torch.Tensor:
-        p, q = self.user(uid), self.item(iid)
-        return (p * p).sum(-1) + (q * q).sum(-1) + self.user_bias(uid).squeeze(-1) ** 2 + \
-            self.item_bias(iid).squeeze(-1) ** 2
+    def mse_terms(self, uid: torch.Tensor, iid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, per-sample L2 of p_u, q_i, b_u, b_i), each (B,), from one lookup per table."""
+        p, q = self.user(uid), self.item(iid)  # (B, d)
+        bu, bi = self.user_bias(uid).squeeze(-1), self.item_bias(iid).squeeze(-1)  # (B,)
+        pred = self.global_bias + bu + bi + (p * q).sum(-1)
+        return pred, (p * p).sum(-1) + (q * q).sum(-1) + bu * bu + bi * bi
 
     @torch.no_grad()
     def tables(self) -> dict[str, torch.Tensor]:

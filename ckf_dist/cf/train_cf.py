@@ -171,7 +171,7 @@ def fit(cfg: CFConfig, train: Interactions, valid: Interactions | None, num_user
     if world > 1:  # same seed gives the same init; broadcasting makes it a guarantee (e.g. different BLAS paths)
         for p in params:
             dist.broadcast(p.data, src=0)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # one kernel per step: the tables are small, steps many
     sampler = NegativeSampler(train, num_items) if cfg.model != "mf" else None
     lower_is_better = cfg.model == "mf"
     n, bs = len(train), cfg.batch_size
@@ -197,8 +197,9 @@ def fit(cfg: CFConfig, train: Interactions, valid: Interactions | None, num_user
             mine = gb.tensor_split(world)[rank]  # contiguous shard of this rank
             u, i = train.uid[mine].to(device), train.iid[mine].to(device)
             if cfg.model == "mf":
-                err = model(u, i) - train.rating[mine].to(device)
-                loss = ((err * err).sum() + cfg.weight_decay * model.l2(u, i).sum()) / len(gb)
+                pred, l2 = model.mse_terms(u, i)
+                err = pred - train.rating[mine].to(device)
+                loss = ((err * err).sum() + cfg.weight_decay * l2.sum()) / len(gb)
             else:
                 neg = gneg.tensor_split(world)[rank].to(device)
                 sp, sn, l2 = model.bpr_terms(u, i, neg)

@@ -35,7 +35,8 @@ def test_biased_mf_matches_formula():
     m = BiasedMF(4, 5, dim=8, global_mean=3.0, init_std=0.5)
     torch.nn.init.normal_(m.user_bias.weight)
     u, i = torch.tensor([0, 3, 2]), torch.tensor([4, 0, 2])
-    expect = torch.stack([3.0 + m.user_bias.weight[a, 0] + m.item_bias.weight[b, 0] + m.user.weight[a] @ m.item.weight[b]
+    w = m.user.weight
+    expect = torch.stack([3.0 + m.user_bias.weight[a, 0] + m.item_bias.weight[b, 0] + w[a] @ m.item.weight[b]
                           for a, b in zip(u.tolist(), i.tolist())])
     torch.testing.assert_close(m(u, i), expect)
 
@@ -159,3 +160,18 @@ def test_nan_loss_raises(prepared):
     train = _rows(prepared, "train")
     with pytest.raises(NonFiniteLossError, match="loss became (nan|inf).*lower cf.lr"):
         fit(CFConfig(model="mf", lr=1e30, epochs=3, batch_size=64), train, None, 30, 40)
+
+
+def test_ml100k_reader_maps_ids_and_names_bad_lines(tmp_path):
+    from ckf_dist.cf.folds import holdout, read_ml100k_file
+
+    good = tmp_path / "u1.base"
+    good.write_text("1\t1\t5\t874965758\n943\t1682\t3\t876893171\n2\t10\t4\t878542960\n")
+    rows = read_ml100k_file(good)
+    assert rows.uid.tolist() == [0, 942, 1] and rows.iid.tolist() == [0, 1681, 9] and rows.rating.tolist() == [5, 3, 4]
+    train, valid = holdout(rows, 0.34, seed=0)
+    assert len(valid) == 1 and sorted(train.uid.tolist() + valid.uid.tolist()) == sorted(rows.uid.tolist())
+    bad = tmp_path / "u2.base"
+    bad.write_text("1\t1\t5\t874965758\n1\t1683\t5\t874965758\n")
+    with pytest.raises(ValueError, match=r"u2.base:2: user 1 / item 1683"):
+        read_ml100k_file(bad)
