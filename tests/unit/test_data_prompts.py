@@ -154,3 +154,21 @@ def test_clean_review_caps_and_strips():
     assert clean_review("Great <br/> sound\x07 and <|item_cf|> value  " + "x " * 50, 5) == "Great sound and value x"
     t = display_title("word " * 30)
     assert len(t) <= 63 and t.endswith("...")
+
+
+def test_slots_are_single_special_tokens_aligned_with_slot_items(prepared, tiny_tokenizer):
+    """Through the lead's Collator: each slot is one dedicated id (never <unk>), one per slot_items entry."""
+    from ckf_dist.data.collate import Collator
+    from ckf_dist.data.prompts import load_samples
+
+    uid_tok = tiny_tokenizer.convert_tokens_to_ids(USER_SLOT)
+    iid_tok = tiny_tokenizer.convert_tokens_to_ids(ITEM_SLOT)
+    assert tiny_tokenizer.unk_token_id not in (uid_tok, iid_tok) and uid_tok != iid_tok
+    samples = [s for s in load_samples(prepared, "valid") if s["uid"] < 3]
+    batch = Collator(tiny_tokenizer, max_length=1024, history_len=4)(samples, variants=("text", "cf"))
+    n = len(samples)
+    for b, s in enumerate(samples):
+        text_row, cf_row = batch.input_ids[b].tolist(), batch.input_ids[n + b].tolist()
+        assert cf_row.count(uid_tok) == 1 and cf_row.count(iid_tok) == len(s["slot_items"])
+        assert uid_tok not in text_row and iid_tok not in text_row
+        assert batch.slot_items[n + b, : len(s["slot_items"])].tolist() == s["slot_items"]

@@ -144,3 +144,16 @@ def test_table_csv_mapping_types_and_encoding(tmp_path):
     assert raw.titles == {"x": "X Movie", "v, the second": "V, a title"}
     with pytest.raises(ValueError, match=r"data.columns.rating='rating'.*\['uid', 'item', 'stars', 'time', 'title'\]"):
         read_table(p, ColumnMap(user="uid", item="item", timestamp="time"))
+
+
+def test_table_truncated_csv_gz(tmp_path):
+    from ckf_dist.data.readers import read_table
+
+    body = "u,i,r,t\n" + "".join(f"u{n % 5},i{n},4,{n}\n" for n in range(3000))
+    blob = gzip.compress(body.encode())
+    p = tmp_path / "t.csv.gz"
+    p.write_bytes(blob[: len(blob) // 2])
+    raw = read_table(p, ColumnMap(user="u", item="i", rating="r", timestamp="t"))
+    assert 0 < raw.interactions.num_rows < 3000
+    assert raw.skips.counts["truncated_or_corrupt_file"] == 1
+    assert raw.interactions["item"].to_pylist() == [f"i{n}" for n in range(raw.interactions.num_rows)]
