@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckf_dist.config import load_config  # noqa: E402
+from ckf_dist.config import load_config
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -24,8 +25,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ckf_dist.config import DataConfig
-from ckf_dist.data.prompts import clean_review, display_title, render_ctr, render_exp, render_rating, render_topk
-from ckf_dist.data.prompts import to_text_variant
+from ckf_dist.data.prompts import (
+    clean_review,
+    display_title,
+    render_ctr,
+    render_exp,
+    render_rating,
+    render_topk,
+    to_text_variant,
+)
 from ckf_dist.data.readers import RawData, read_raw
 from ckf_dist.data.schema import ITEMS, MANIFEST, SCHEMA_VERSION, SPLITS, USERS, interactions_path
 from ckf_dist.data.shards import dumps_sample, write_task_shards
@@ -206,7 +214,8 @@ def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
             targets.append((sp, int(where), train_idx[max(0, c - H):c]))
         counters: dict[tuple[str, str], int] = {}
 
-        def emit(sp: str, task: str, sample: dict[str, Any]) -> None:
+        def emit(sp: str, task: str, sample: dict[str, Any], uid: int = uid, is_cold: bool = is_cold,
+                 counters: dict[tuple[str, str], int] = counters) -> None:
             n = counters.get((sp, task), 0)
             counters[(sp, task)] = n + 1
             key = f"{sp}/{task}/{uid}/{n}"
@@ -287,7 +296,7 @@ def _user_blocks(table: pa.Table, num_blocks: int) -> list[pa.Table]:
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
     cuts = sorted({int(starts[int(k)]) for k in np.linspace(0, len(starts), num_blocks, endpoint=False)} | {0})
     bounds = cuts + [table.num_rows]
-    return [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def build_samples(table: pa.Table, ctx: BuildContext, engine: str = "ray", num_blocks: int = 8,

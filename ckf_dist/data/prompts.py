@@ -73,7 +73,7 @@ def render_ctr(uid: int, history_titles: Sequence[str], history_ratings: Sequenc
 def render_rating(uid: int, history_titles: Sequence[str], history_ratings: Sequence[float],
                   target_title: str) -> str:
     """CF-variant rating prompt; slots: history items, then the candidate."""
-    notes = [f"{int(round(r))}/5" for r in history_ratings]
+    notes = [f"{round(r)}/5" for r in history_ratings]
     return (f"{_user(uid)} rated: {_history(history_titles, notes)}. "
             f"Rating of {target_title}{_I} from 1 to 5? Answer:")
 

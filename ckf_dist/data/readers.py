@@ -127,7 +127,7 @@ def _lines(path: Path, skips: SkipReport) -> Iterator[tuple[int, bytes]]:
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno used after the loop
+            for lineno, raw in enumerate(f, start=1):
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         # Everything before the damage was read; the rest of the file is lost and reported as one skip.

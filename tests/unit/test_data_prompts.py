@@ -41,7 +41,7 @@ def _tamper(prepared: Path, tmp_path: Path, split: str, task: str, edit) -> Path
 
     d = tmp_path / "copy"
     shutil.copytree(prepared, d)
-    shard = sorted((d / "prompts" / split).glob(f"{task}-shard-*.tar"))[0]
+    shard = min((d / "prompts" / split).glob(f"{task}-shard-*.tar"))
     samples = [json.loads(b) for b in iter_shard_payloads(shard)]
     inter = {sp: pq.read_table(d / "interactions" / f"{sp}.parquet").to_pandas() for sp in ("train", "valid", "test")}
     for s in samples:
