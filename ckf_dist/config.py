@@ -198,6 +198,10 @@ class TinyLLMConfig:
     vocab_size: int = 2000
     """Target vocabulary of the BPE tokenizer trained on the dataset's own text."""
     max_position_embeddings: int = 1024
+    initializer_range: float | None = None
+    """Std of the random weights; default 1.6 / sqrt(hidden_size). The LLM is frozen, so its random output head
+    must be able to express confident predictions: with the usual 0.02 at hidden 64 the largest reachable logit
+    is about 1.3 and even "Yes"/"No" cannot be learnt (loss stays near log(vocab))."""
 
     def problems(self, p: str) -> list[str]:
         out = []
@@ -210,6 +214,8 @@ class TinyLLMConfig:
         for name in ("intermediate_size", "num_layers", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.initializer_range is not None and not 0 < self.initializer_range <= 1:
+            out.append(f"{p}.initializer_range must be within (0, 1] or null, got {self.initializer_range}")
         if self.vocab_size < 300:
             out.append(f"{p}.vocab_size must be >= 300 (the byte alphabet alone has 256 symbols), got {self.vocab_size}")
         return out

@@ -77,6 +77,7 @@ def build_tiny_llm(cfg: TinyLLMConfig, texts: Iterable[str], out_dir: str | Path
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range or 1.6 / cfg.hidden_size**0.5,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
