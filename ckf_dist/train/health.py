@@ -82,3 +82,32 @@ def is_collective_failure(err: BaseException) -> bool:
         return True
     msg = str(err).lower()
     return isinstance(err, RuntimeError) and any(w in msg for w in _COLLECTIVE_WORDS)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm pre-emption, `scancel --signal`, a Kubernetes eviction) asks for a clean stop:
+    the loop finishes the current step, writes a checkpoint and exits, and the next run resumes from it.
+
+    `requested()` is collective (a 1-element all-reduce), so every rank stops at the same step even when the
+    signal reached only some of them.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside some Ray workers): no signal-driven stop
+                pass
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.flag = True
+
+    def requested(self) -> bool:
+        import torch
+
+        t = torch.tensor([1.0 if self.flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)

@@ -25,7 +25,7 @@ from ckf_dist.tasks import TASK_ID, TASKS
 from ckf_dist.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ckf_dist.train.curriculum import curriculum_weight, variants_for
 from ckf_dist.train.deepspeed_utils import init_distributed, make_ds_config
-from ckf_dist.train.health import Heartbeat, is_collective_failure
+from ckf_dist.train.health import Heartbeat, StopRequest, is_collective_failure
 from ckf_dist.train.logging import NullLogger, RunLogger
 from ckf_dist.train.sampler import TaskMixture, task_gradient_stats
 
@@ -84,7 +84,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     T = cfg.train.curriculum_steps or cfg.train.max_steps
     progress = make_progress(cfg, rank, start)
     tick, seen_samples, seen_tokens = time.perf_counter(), 0, 0
-    heartbeat = Heartbeat(rank, world)
+    heartbeat, stop = Heartbeat(rank, world), StopRequest()
     try:
         for step in range(start, cfg.train.max_steps):
             heartbeat.beat(step)
@@ -148,10 +148,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
                 val = run_eval(cfg, ckf, tokenizer, "valid", "cf", rank, world, limit=cfg.eval.max_samples_per_task or 64)
                 logger.log_dict({f"valid/{k}": v for k, v in val.items()}, done)
-            if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+            stopping = stop.requested()
+            if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps or stopping:
                 rank_state = {"streams": {t: s.state_dict() for t, s in streams.items()},
                               "mixture": mixture.state_dict(), "steps_done": done}
                 save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
+            if stopping:
+                say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
+                logger.close()
+                return {}
     except Exception as err:
         # A dead or hung peer surfaces here as a failed or timed-out collective: name it and stop.
         if is_collective_failure(err):

@@ -36,15 +36,25 @@ def _shared(root, run):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(reference, tmp_path):
+@pytest.mark.parametrize("how", ["sigkill_all", "sigterm_rank1"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(reference, tmp_path, how):
+    """SIGKILL of the whole job mid-epoch (resume from the last periodic checkpoint), or SIGTERM to one rank
+    (every rank stops at the same step and checkpoints it)."""
     root, ref = reference
     run = tmp_path / "run"
     proc = start_job([f"log.run_dir={run}", *_shared(root, ref)], log=tmp_path / "first.log")
     try:
         wait_for(lambda: (run / "checkpoints" / "step-000004" / "COMPLETE").is_file(), 600, "checkpoint 4", proc)
+        if how == "sigkill_all":
+            kill_group(proc)  # the launcher and both ranks, mid-epoch
+        else:
+            os.kill(int((run / "pids" / "rank-1.pid").read_text()), signal.SIGTERM)
+            assert proc.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+            assert "stop requested" in (tmp_path / "first.log").read_text()
     finally:
-        kill_group(proc)  # SIGKILL the launcher and both ranks, mid-epoch
-    assert not (run / "checkpoints" / f"step-{STEPS:06d}").exists(), "killed too late to test a resume"
+        if proc.poll() is None:
+            kill_group(proc)
+    assert not (run / "checkpoints" / f"step-{STEPS:06d}").exists(), "stopped too late to test a resume"
     res = run_job([f"log.run_dir={run}", *_shared(root, ref)], timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from" in res.stdout
