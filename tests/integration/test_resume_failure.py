@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tests.integration.run_utils import TINY, kill_group, last_train_loss, run_job, start_job, wait_for
 
-STEPS = 8
+STEPS = 24
 
 
 def _adapters(run):
@@ -24,14 +24,14 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     run = root / "run"
     res = run_job([f"log.run_dir={run}", f"data.prepared_dir={root / 'data'}", f"train.max_steps={STEPS}",
-                   "train.ckpt_every=2", "train.ckpt_keep=10", *TINY], timeout=900)
+                   "train.ckpt_every=4", "train.ckpt_keep=10", *TINY], timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return root, run
 
 
 def _shared(root, run):
     return [f"data.prepared_dir={root / 'data'}", f"cf.embeddings_path={run / 'cf' / 'embeddings.safetensors'}",
-            f"model.base_model={run / 'base_model'}", f"train.max_steps={STEPS}", "train.ckpt_every=2", *TINY]
+            f"model.base_model={run / 'base_model'}", f"train.max_steps={STEPS}", "train.ckpt_every=4", *TINY]
 
 
 @pytest.mark.slow
