@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +19,21 @@ from ckf_dist.model.multi_lora import MultiLoRALinear, TaskRouter, inject_multi_
 from ckf_dist.tasks import ITEM_SLOT, TASK_ID, TASKS, USER_SLOT
 
 
-@dataclass
-class CKFOutput:
+class CKFOutput(NamedTuple):
+    """What CKFModel.forward returns. A NamedTuple (not a dataclass) so that DeepSpeed ZeRO-3 sees the tensors inside
+    and attaches its pre-backward hooks to them.
+
+    Attributes:
+        loss: scalar training loss (with graph).
+        task_loss: (T,) detached mean answer-token loss per task (0 where the task has no tokens in the batch).
+        task_tokens: (T,) answer tokens per task in the batch.
+        row_loss: (B,) detached mean answer-token loss of each row (0 for rows without answer tokens).
+    """
+
     loss: torch.Tensor
-    """Scalar training loss (with graph)."""
     task_loss: torch.Tensor
-    """(T,) detached mean answer-token loss per task (0 where the task has no tokens in the batch)."""
     task_tokens: torch.Tensor
-    """(T,) answer tokens per task in the batch."""
     row_loss: torch.Tensor
-    """(B,) detached mean answer-token loss of each row (0 for rows without answer tokens)."""
 
 
 class TaskGate(nn.Module):

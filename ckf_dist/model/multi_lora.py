@@ -93,18 +93,31 @@ class TaskGradTracker:
             return torch.zeros(self.num_tasks, self.size)
         return self.buffer
 
-    def add(self, offset: int, task_ids: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
-        """buffer[t, offset:offset+o*i] += sum over rows of task t of grad_out^T inp, flattened (o x i)."""
-        if self.buffer is None or self.buffer.device != grad_out.device:
-            self.buffer = torch.zeros(self.num_tasks, self.size, dtype=torch.float32, device=grad_out.device)
-        o, i = grad_out.shape[-1], inp.shape[-1]
-        for t in range(self.num_tasks):  # a loop over tasks (not samples): T small matmuls
-            rows = (task_ids == t).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            g = grad_out.index_select(0, rows).reshape(-1, o).float()
-            a = inp.index_select(0, rows).reshape(-1, i).float()
-            self.buffer[t, offset:offset + o * i] += (g.T @ a).flatten()
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None or self.buffer.device != like.device:
+            self.buffer = torch.zeros(self.num_tasks, self.size, dtype=torch.float32, device=like.device)
+        return self.buffer
+
+    def _split_by_task(self, t: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """(B, ..., k) -> (N, T k): each row's values moved into its task's block of k columns, zeros elsewhere."""
+        one_hot = torch.nn.functional.one_hot(task_ids, self.num_tasks).to(torch.float32)  # (B, T)
+        k = t.shape[-1]
+        t = t.reshape(t.shape[0], -1, 1, k).float() * one_hot[:, None, :, None]  # (B, L, T, k)
+        return t.reshape(-1, self.num_tasks * k)
+
+    def add_rank_out(self, offset: int, task_ids: torch.Tensor, grad_out: torch.Tensor, h: torch.Tensor) -> None:
+        """B-gradient per task: buffer[t, B slot] += dz_t^T h_t, all tasks in one matmul, (out, r) per task."""
+        buf = self._buffer(grad_out)
+        o, k = grad_out.shape[-1], h.shape[-1]
+        g = grad_out.reshape(-1, o).float().T @ self._split_by_task(h, task_ids)  # (out, T r)
+        buf[:, offset:offset + o * k] += g.view(o, self.num_tasks, k).transpose(0, 1).reshape(self.num_tasks, -1)
+
+    def add_rank_in(self, offset: int, task_ids: torch.Tensor, grad_h: torch.Tensor, x: torch.Tensor) -> None:
+        """A-gradient per task: buffer[t, A slot] += dh_t^T x_t, all tasks in one matmul, (r, in) per task."""
+        buf = self._buffer(grad_h)
+        k, i = grad_h.shape[-1], x.shape[-1]
+        g = self._split_by_task(grad_h, task_ids).T @ x.reshape(-1, i).float()  # (T r, in)
+        buf[:, offset:offset + k * i] += g.view(self.num_tasks, k * i)
 
 
 class TaskRouter:
@@ -204,6 +217,10 @@ class MultiLoRALinear(nn.Module):
         self.task_scaling = task_alpha / task_rank if self.tasks else 0.0
         self.task_dropout = nn.Dropout(task_dropout) if task_dropout > 0 else nn.Identity()
         self.track_offset: int | None = None  # set by CKFModel for the per-task gradient tracker
+        # DeepSpeed ZeRO-3 "leaf module" flag (read by deepspeed.utils.z3_leaf_module; set here so model/ does not
+        # import deepspeed): the base weight and ALL adapters of this layer are gathered in one fetch when the layer
+        # runs and their gradients reduced after its backward, which the single concatenated task matmul needs.
+        self._z3_leaf = True
 
     def _check_forward_args(self, x: torch.Tensor) -> torch.Tensor:
         r = self.router
@@ -227,11 +244,16 @@ class MultiLoRALinear(nn.Module):
                  else _rows(r.shared_weight.to(z.dtype), z.dim()) * self.shared_scaling)
             out = out + z * w
         if self.tasks:
+            # All task adapters as ONE low-rank product of rank T * r_task: h = x [A_1; ...; A_T]^T, each row keeps
+            # only its task's r_task columns (times scaling and gate), then one matmul with [B_1, ..., B_T]. Same
+            # result as sum_t w[:, t] B_t A_t x, but 2 matmuls instead of 2T.
             x_t = self.task_dropout(x)
-            tw = r.task_weight.to(out.dtype)  # (B, T)
-            for t, name in enumerate(self.tasks):
-                _, z_t = self.task_loras[name](x_t)
-                out = out + z_t * (_rows(tw[:, t], z_t.dim()) * self.task_scaling)
+            adapters = list(self.task_loras.values())
+            A = torch.cat([ad.lora_A for ad in adapters], 0)  # (T r, in)
+            B = torch.cat([ad.lora_B for ad in adapters], 1)  # (out, T r)
+            h_t = F.linear(x_t, A)  # (B, ..., T r)
+            w = (r.task_weight.to(h_t.dtype) * self.task_scaling).repeat_interleave(adapters[0].rank, dim=1)
+            out = out + F.linear(h_t * w.view(w.shape[0], *([1] * (h_t.dim() - 2)), w.shape[1]), B)
         return out
 
     def _track(self, x_d: torch.Tensor, h: torch.Tensor, z: torch.Tensor, task_ids: torch.Tensor) -> None:
@@ -239,8 +261,8 @@ class MultiLoRALinear(nn.Module):
         a_size = self.shared.rank * self.in_features
         h_saved = h.detach()
         # dL/dz gives dB = dz^T h; dL/dh gives dA = dh^T x_d. Both hooks only read, never change, the gradient.
-        z.register_hook(lambda g: tracker.add(off + a_size, task_ids, g, h_saved))
-        h.register_hook(lambda g: tracker.add(off, task_ids, g, x_d))
+        z.register_hook(lambda g: tracker.add_rank_out(off + a_size, task_ids, g, h_saved))
+        h.register_hook(lambda g: tracker.add_rank_in(off, task_ids, g, x_d))
 
     def extra_repr(self) -> str:
         r_sh = self.shared.rank if self.shared is not None else 0

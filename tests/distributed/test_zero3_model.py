@@ -99,6 +99,9 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=WD)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     ckf = engine.module
+    # Every Multi-LoRA layer is a ZeRO-3 leaf: its base weight and all adapters are fetched together.
+    assert ckf.lora_layers and all(hasattr(p, "ds_z3_leaf_module") for lyr in ckf.lora_layers.values()
+                                   for p in lyr.parameters())
     ckf.enable_task_grad_tracking(True)
     batch = collate(tokenizer, mine, variants=("text", "cf"))
     assert set(batch.task_ids.tolist()) == ({0, 2} if world == 1 else {2 * rank})  # ctr=0, rating=2
