@@ -3,11 +3,13 @@ row of a mixed-task batch is routed to its own task's LoRA. Follows peft's confi
 `MultiLoRAConfig` (ckf_dist/config.py), the layer `MultiLoRALinear`, the model-level function `inject_multi_lora`.
 
 Routing under ZeRO-3: every task's LoRA is computed for ALL rows and multiplied by a per-row task mask (peft's
-`_mixed_batch_forward` instead slices rows per adapter). So every rank calls exactly the same modules in the same
-order whatever tasks its micro-batch holds, and every LoRA parameter gets a gradient (zeros for absent tasks) on every
-rank: the ZeRO-3 parameter gathers and gradient reduce-scatters line up and cannot deadlock. Cost: the task part costs
-T x (one LoRA) per token: T * r_task * (d_in + d_out) multiply-adds, e.g. 4 tasks x r16 on a 4096x4096 q_proj is
-~3% of that layer's base cost; the shared part costs what a plain LoRA costs.
+`_mixed_batch_forward` instead slices rows per adapter). So every rank runs exactly the same modules and collectives
+whatever tasks its micro-batch holds, and every LoRA parameter gets a gradient (zeros for absent tasks) on every rank:
+ZeRO-3's gathers and reduce-scatters line up and cannot deadlock. Each MultiLoRALinear is flagged as a ZeRO-3 leaf
+module (`_z3_leaf`), so its base weight and all its adapters are gathered in one fetch. Cost: the T task adapters run
+as one low-rank product of rank T * r_task (concatenated A's and B's, rows masked in rank space), i.e. T * r_task *
+(d_in + d_out) multiply-adds per token: 4 tasks x r16 on a 4096 x 4096 q_proj is ~3% of that layer's base cost; the
+shared part costs what a plain LoRA costs (benchmarks/multi_lora_overhead.py measures the whole step).
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ class TaskRouter:
     """The per-forward routing state shared by all MultiLoRALinear layers of one model.
 
     CKFModel sets it around each LLM call with `route(...)`; a layer called outside `route` raises, so a forgotten
-    routing can never silently use the wrong adapter.
+    routing can never silently use the wrong adapter. One exception: activation checkpointing re-runs the layers
+    during backward, after `route` has exited; a layer called inside a backward pass (torch's autograd engine running)
+    uses the routing of the last `route` block, i.e. of the forward being recomputed.
 
     Attributes:
         task_ids: (B,) local task index of each row (0..T-1).
@@ -137,7 +141,16 @@ class TaskRouter:
         self.task_ids: torch.Tensor | None = None
         self.shared_weight: torch.Tensor | None = None
         self.task_weight: torch.Tensor | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None  # for checkpoint recompute
         self.tracker = TaskGradTracker(len(self.tasks))
+
+    def active(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """(task_ids, shared_weight, task_weight) of the current block; in a backward pass, of the last block."""
+        if self.task_ids is not None:
+            return self.task_ids, self.shared_weight, self.task_weight
+        if self.last is not None and torch._C._current_graph_task_id() != -1:  # recompute inside backward
+            return self.last
+        return None
 
     @contextmanager
     def route(self, task_ids: torch.Tensor, shared_weight: torch.Tensor | None = None,
@@ -165,6 +178,7 @@ class TaskRouter:
         try:
             yield
         finally:
+            self.last = (task_ids, shared_weight, task_weight)
             self.task_ids, self.shared_weight, self.task_weight = prev
 
 
@@ -178,7 +192,8 @@ class MultiLoRALinear(nn.Module):
 
     y = base(x) + s_sh * g_sh[row] * B_sh A_sh drop_sh(x) + sum_t s_t * w[row, t] * B_t A_t drop_t(x)
     with s = alpha / r, w[row, t] = one-hot(task of row) (times the gate), g_sh = 1 without gate.
-    Every task part runs on every row (see the module docstring for why and what it costs).
+    Every task part runs on every row (see the module docstring for why and what it costs); the task parts share one
+    dropout mask (only one of them is non-zero per row, so each row still sees an independent dropout).
 
     Args:
         base_layer: the frozen nn.Linear being adapted (kept as `base_layer`, peft's name).
@@ -222,26 +237,26 @@ class MultiLoRALinear(nn.Module):
         # runs and their gradients reduced after its backward, which the single concatenated task matmul needs.
         self._z3_leaf = True
 
-    def _check_forward_args(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.router
-        if r.task_ids is None:
+    def _check_forward_args(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        routing = self.router.active()
+        if routing is None:
             raise ValueError("MultiLoRALinear called without task routing; call the model through CKFModel (or "
                              "inside `router.route(task_ids)`) so every row knows its task")
-        if r.task_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"task_ids has {r.task_ids.shape[0]} rows, batch has {x.shape[0]}")
-        return r.task_ids
+        if routing[0].shape[0] != x.shape[0]:
+            raise ValueError(f"task_ids has {routing[0].shape[0]} rows, batch has {x.shape[0]}")
+        return routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task_ids = self._check_forward_args(x)
-        r = self.router
+        task_ids, shared_weight, task_weight = self._check_forward_args(x)
         out = self.base_layer(x)
         if self.shared is not None:
             x_d = self.shared_dropout(x)
             h, z = self.shared(x_d)  # (B, ..., r), (B, ..., out)
-            if r.tracker.enabled and self.track_offset is not None and torch.is_grad_enabled() and z.requires_grad:
+            if (self.router.tracker.enabled and self.track_offset is not None and torch.is_grad_enabled()
+                    and z.requires_grad):
                 self._track(x_d.detach(), h, z, task_ids)
-            w = (self.shared_scaling if r.shared_weight is None
-                 else _rows(r.shared_weight.to(z.dtype), z.dim()) * self.shared_scaling)
+            w = (self.shared_scaling if shared_weight is None
+                 else _rows(shared_weight.to(z.dtype), z.dim()) * self.shared_scaling)
             out = out + z * w
         if self.tasks:
             # All task adapters as ONE low-rank product of rank T * r_task: h = x [A_1; ...; A_T]^T, each row keeps
@@ -252,7 +267,7 @@ class MultiLoRALinear(nn.Module):
             A = torch.cat([ad.lora_A for ad in adapters], 0)  # (T r, in)
             B = torch.cat([ad.lora_B for ad in adapters], 1)  # (out, T r)
             h_t = F.linear(x_t, A)  # (B, ..., T r)
-            w = (r.task_weight.to(h_t.dtype) * self.task_scaling).repeat_interleave(adapters[0].rank, dim=1)
+            w = (task_weight.to(h_t.dtype) * self.task_scaling).repeat_interleave(adapters[0].rank, dim=1)
             out = out + F.linear(h_t * w.view(w.shape[0], *([1] * (h_t.dim() - 2)), w.shape[1]), B)
         return out
 

@@ -272,3 +272,28 @@ def test_model_with_task_subset_rejects_other_tasks(tiny_llm_dir, tiny_tokenizer
     assert model(ok).task_loss.shape == (2,)
     with pytest.raises(ValueError, match=r"adapters only for \['ctr', 'exp'\]"):
         model(collate(tiny_tokenizer, mixed_samples()[:2]))
+
+
+def test_activation_checkpointing_keeps_routing_and_gradients(tiny_llm_dir, tiny_tokenizer):
+    # Checkpointing recomputes the layers during backward, outside CKFModel's routing block.
+    from ckf_dist.model.llm import load_llm
+
+    grads, losses, tracked = [], [], []
+    for ckpt in (False, True):
+        llm = load_llm(tiny_llm_dir, "float32", tiny_tokenizer)
+        if ckpt:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        model = make_model(llm, tiny_tokenizer, gate=True).train()
+        model.enable_task_grad_tracking(True)
+        out = model(collate(tiny_tokenizer, mixed_samples(), variants=("text", "cf")), text_weight=0.5)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        tracked.append(model.task_grads().sum(0))
+        shared = torch.cat([p.grad.flatten() for p in model.shared_lora_parameters()])
+        torch.testing.assert_close(tracked[-1], shared, atol=1e-6, rtol=1e-5)
+    assert model.llm.is_gradient_checkpointing
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
