@@ -80,7 +80,9 @@ class Collator:
     def encode(self, sample: PromptSample, variant: str, answer: str | None = None) -> tuple[list[int], int]:
         """Ids of one row and the length of its prompt part. `answer` overrides sample["answer"]."""
         prompt = sample["prompt_cf"] if variant == "cf" else sample["prompt_text"]
-        p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        return self._assemble(self.tok(prompt, add_special_tokens=False)["input_ids"], sample, answer)
+
+    def _assemble(self, p_ids: list[int], sample: PromptSample, answer: str | None) -> tuple[list[int], int]:
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         a_ids: list[int] = []
         if self.with_answer:
@@ -122,13 +124,15 @@ class Collator:
             raise ValueError("cannot collate an empty list of samples")
         if bad := [v for v in variants if v not in ("text", "cf")]:
             raise ValueError(f"unknown prompt variant(s) {bad}; allowed: 'text', 'cf'")
-        rows, plens, meta = [], [], []
-        for variant in variants:
-            for i, s in enumerate(samples):
-                ids, plen = self.encode(s, variant, None if answers is None else answers[i])
-                rows.append(ids)
-                plens.append(plen)
-                meta.append((s, variant == "cf"))
+        meta = [(s, variant == "cf") for variant in variants for s in samples]
+        # One batched tokenizer call (the fast tokenizer parallelises it) instead of one call per row.
+        prompts = [s["prompt_cf"] if cf else s["prompt_text"] for s, cf in meta]
+        prompt_ids = self.tok(prompts, add_special_tokens=False)["input_ids"]
+        rows, plens = [], []
+        for r, ((s, _), p_ids) in enumerate(zip(meta, prompt_ids)):
+            ids, plen = self._assemble(p_ids, s, None if answers is None else answers[r % len(samples)])
+            rows.append(ids)
+            plens.append(plen)
         B, L = len(rows), max(len(r) for r in rows)
         pad = self.tok.pad_token_id
         input_ids = torch.full((B, L), pad, dtype=torch.long)

@@ -9,8 +9,9 @@ produce nothing more than this layout.
       items.parquet                 iid:int32 (0..V-1), raw_id:str, title:str
       interactions/{train,valid,test}.parquet
                                     uid:int32, iid:int32, rating:float32, ts:int64, review:str
-      prompts/{train,valid,test}/shard-000000.tar ...
-                                    WebDataset shards; each sample has one "json" member (PromptSample)
+      prompts/{train,valid,test}/<task>-shard-000000.tar ...
+                                    WebDataset shards, one task per file; each sample has one "json" member
+                                    (PromptSample)
 """
 
 from __future__ import annotations
