@@ -10,11 +10,15 @@ equal to the 1-rank mean over the global batch, so the comparison is exact up to
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.helpers import run_ranks
 
+ZERO_JSON = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_cpu.json"
 STEPS = 3
 LR, WD, CLIP, TEXT_WEIGHT = 1e-2, 1e-3, 1.0, 0.3
 LOSS_RTOL = 1e-5
@@ -85,12 +89,15 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
         "gradient_accumulation_steps": 1,
         "train_batch_size": len(samples),
         "gradient_clipping": CLIP,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False,
-                              "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0},
+        # The ZeRO section training uses (stage 3, persistence threshold 0: every tiny parameter is partitioned;
+        # prefetching and parameter reuse on), plus torch AdamW.
+        "zero_optimization": json.loads(ZERO_JSON.read_text())["zero_optimization"],
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    assert ds_config["zero_optimization"]["stage"] == 3
+    assert ds_config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     keepalive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - from_pretrained partitions the LLM while loading
     model, tokenizer = _build(llm_dir)
     partitioned = [p for p in model.llm.parameters() if hasattr(p, "ds_id")]
