@@ -119,7 +119,7 @@ def ranking_part(root: Path, prepared_dir: Path, cold_threshold: int, epochs: in
     for kind, extra in (("bpr", {}), ("lightgcn", {"num_layers": 3})):
         t0 = time.perf_counter()
         res = fit(CFConfig(model=kind, **common, **extra), train, valid, ids.num_users, ids.num_items,
-                  device=torch.device("cpu"))
+                  device=torch.device("cpu"), progress=True)
         m = evaluate_fit(res, kind, train, valid, test, ids.num_items, cold_threshold, [10], torch.device("cpu"))
         m["best_epoch"], m["seconds"] = res.best_epoch, time.perf_counter() - t0
         out[kind] = m

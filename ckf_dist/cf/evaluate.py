@@ -35,9 +35,38 @@ def rating_metrics(pred: torch.Tensor, rows: Interactions, groups: dict[str, np.
     return out
 
 
+class KnownItems:
+    """Per-user sets of known items (CSR over sorted (user, item) keys), expanded to (B, V) masks per chunk of users.
+
+    Args:
+        known: interactions whose items are not ranking candidates (training, and validation when testing).
+        num_users: U (at least 1 + the largest user id that will be queried).
+        num_items: V.
+    """
+
+    def __init__(self, known: Sequence[Interactions], num_users: int, num_items: int) -> None:
+        self.num_items = num_items
+        uid = torch.cat([k.uid for k in known]) if known else torch.zeros(0, dtype=torch.long)
+        iid = torch.cat([k.iid for k in known]) if known else torch.zeros(0, dtype=torch.long)
+        keys = torch.unique(uid * num_items + iid)  # sorted by user, then item
+        self.items = keys % num_items
+        self.indptr = torch.zeros(num_users + 1, dtype=torch.long)
+        self.indptr[1:] = torch.bincount(keys // num_items, minlength=num_users).cumsum(0)
+
+    def mask(self, uid: torch.Tensor) -> torch.Tensor:
+        """(B, V) bool, True where user uid[b] has a known interaction with the item."""
+        starts, ends = self.indptr[uid], self.indptr[uid + 1]
+        lens = ends - starts
+        row = torch.repeat_interleave(torch.arange(len(uid)), lens)
+        offset = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        out = torch.zeros(len(uid), self.num_items, dtype=torch.bool)
+        out[row, self.items[torch.repeat_interleave(starts, lens) + offset]] = True
+        return out
+
+
 def all_item_ranks(full_scores: Callable[[torch.Tensor], torch.Tensor], uid: torch.Tensor, target: torch.Tensor,
-                   known: Sequence[Interactions], num_items: int, chunk: int = 512,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   known: Sequence[Interactions], num_items: int, chunk: int = 512, seed: int = 0,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank each target among all items the user has no known interaction with.
 
     Args:
@@ -46,43 +75,51 @@ def all_item_ranks(full_scores: Callable[[torch.Tensor], torch.Tensor], uid: tor
         known: interactions to exclude from the candidates (training, and validation when testing); the
             target itself always stays a candidate.
         num_items: V.
+        seed: for the one sampled negative per row (pooled AUC).
 
     Returns:
-        rank (N,) 1-based (1 + candidates scored strictly higher), auc_u (N,) the share of candidates scored
-        below the target (ties count one half), target_score (N,).
+        rank (N,) 1-based (1 + candidates scored strictly higher), auc_u (N,) the share of other candidates scored
+        below the target (ties count one half), target_score (N,), and the score of one uniformly sampled other
+        candidate (N,).
+
+    Raises:
+        ValueError: non-finite scores, or a user with no candidate besides the target.
     """
-    # (U, V) boolean mask of known interactions: 943 x 1682 bools on ML-100K, tiny.
-    num_users = int(max([int(uid.max()) + 1] + [int(k.uid.max()) + 1 for k in known if len(k)]))
-    mask = torch.zeros(num_users, num_items, dtype=torch.bool)
-    for k in known:
-        mask[k.uid, k.iid] = True
-    ranks, aucs, tscores = [], [], []
+    num_users = int(max([int(uid.max()) + 1 if len(uid) else 0] + [int(k.uid.max()) + 1 for k in known if len(k)]))
+    known_items = KnownItems(known, num_users, num_items)
+    g = torch.Generator().manual_seed(seed)
+    ranks, aucs, tscores, nscores = [], [], [], []
     for s in range(0, len(uid), chunk):
         u, t = uid[s:s + chunk], target[s:s + chunk]
+        b = torch.arange(len(u))
         scores = full_scores(u).float().cpu()  # (B, V)
         if not torch.isfinite(scores).all():
             raise ValueError("the CF model produced non-finite scores; the training diverged (lower cf.lr)")
-        m = mask[u].clone()
-        m[torch.arange(len(u)), t] = False
-        ts = scores.gather(1, t[:, None])  # (B, 1)
-        cand = ~m
-        cand[torch.arange(len(u)), t] = False  # the target is not its own negative
-        higher = ((scores > ts) & cand).sum(1)
-        ties = ((scores == ts) & cand).sum(1)
-        lower = ((scores < ts) & cand).sum(1)
-        n_neg = cand.sum(1).clamp(min=1)
-        ranks.append(higher + 1)
-        aucs.append((lower + 0.5 * ties) / n_neg)
+        cand = ~known_items.mask(u)
+        cand[b, t] = False  # the target is not its own negative
+        n_neg = cand.sum(1)
+        if (n_neg == 0).any():
+            raise ValueError(f"user {int(u[n_neg == 0][0])} has no candidate item besides the target")
+        ts = scores[b, t][:, None]  # (B, 1)
+        ranks.append(((scores > ts) & cand).sum(1) + 1)
+        aucs.append((((scores < ts) & cand).sum(1) + 0.5 * ((scores == ts) & cand).sum(1)) / n_neg)
         tscores.append(ts.squeeze(1))
-    return torch.cat(ranks), torch.cat(aucs).double(), torch.cat(tscores)
+        neg = torch.randint(num_items, (len(u),), generator=g)
+        for _ in range(10_000):  # rejection sampling; every row has at least one candidate (checked above)
+            bad = ~cand[b, neg]
+            if not bad.any():
+                break
+            neg[bad] = torch.randint(num_items, (int(bad.sum()),), generator=g)
+        nscores.append(scores[b, neg])
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0))  # noqa: E731
+    return cat(ranks).long(), cat(aucs).double(), cat(tscores), cat(nscores)
 
 
 def ranking_metrics(full_scores: Callable[[torch.Tensor], torch.Tensor], rows: Interactions,
                     known: Sequence[Interactions], num_items: int, groups: dict[str, np.ndarray],
                     ks: Sequence[int] = (10,), seed: int = 0, prefix: str = "test/") -> dict[str, float | None]:
-    """HR@K, NDCG@K (all-item ranking), UAUC and pooled AUC of the held-out `rows`, per group."""
-    rank, auc_u, pos_score = all_item_ranks(full_scores, rows.uid, rows.iid, known, num_items)
-    neg_score = _sampled_negative_scores(full_scores, rows, known, num_items, seed)
+    """HR@K, NDCG@K (all-item ranking), UAUC and pooled AUC (vs one sampled candidate) of `rows`, per group."""
+    rank, auc_u, pos_score, neg_score = all_item_ranks(full_scores, rows.uid, rows.iid, known, num_items, seed=seed)
     r = rank.numpy()
     out: dict[str, float | None] = {}
     for g, m in groups.items():
@@ -95,26 +132,3 @@ def ranking_metrics(full_scores: Callable[[torch.Tensor], torch.Tensor], rows: I
         labels = np.concatenate([np.ones(n), np.zeros(n)])
         out[f"{prefix}auc{g}"] = auc(labels, np.concatenate([pos_score.numpy()[m], neg_score.numpy()[m]]))
     return out
-
-
-def _sampled_negative_scores(full_scores: Callable[[torch.Tensor], torch.Tensor], rows: Interactions,
-                             known: Sequence[Interactions], num_items: int, seed: int) -> torch.Tensor:
-    """Score of one uniformly drawn item per row that the user has no known interaction with (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    seen = {(int(u), int(i)) for k in known for u, i in zip(k.uid.tolist(), k.iid.tolist())}
-    seen |= set(zip(rows.uid.tolist(), rows.iid.tolist()))
-    negs = []
-    for u in rows.uid.tolist():
-        while True:
-            j = int(torch.randint(num_items, (1,), generator=g))
-            if (u, j) not in seen:
-                negs.append(j)
-                break
-            if sum(1 for x in range(num_items) if (u, x) not in seen) == 0:
-                raise ValueError(f"user {u} has interacted with every item; no negative can be sampled")
-    neg = torch.tensor(negs, dtype=torch.long)
-    out = []
-    for s in range(0, len(neg), 512):
-        sc = full_scores(rows.uid[s:s + 512]).float().cpu()
-        out.append(sc.gather(1, neg[s:s + 512, None]).squeeze(1))
-    return torch.cat(out) if out else torch.zeros(0)

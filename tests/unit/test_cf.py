@@ -68,14 +68,15 @@ def test_all_item_ranks_match_bruteforce():
     train = Interactions(torch.tensor([0, 0, 1, 2, 5]), torch.tensor([1, 2, 3, 4, 8]), torch.ones(5),
                          torch.zeros(5, dtype=torch.long))
     uid, target = torch.tensor([0, 1, 2, 5]), torch.tensor([3, 0, 4, 7])  # user 2's target is also a train item
-    rank, auc_u, _ = all_item_ranks(lambda u: table[u], uid, target, [train], 9)
+    rank, auc_u, pos, neg = all_item_ranks(lambda u: table[u], uid, target, [train], 9)
     for n, (u, t) in enumerate(zip(uid.tolist(), target.tolist())):
         seen = {int(i) for uu, i in zip(train.uid.tolist(), train.iid.tolist()) if uu == u} - {t}
         cand = [j for j in range(9) if j not in seen]
         scores = table[u, cand]
         assert rank[n] == rank_of_target(scores.numpy(), cand.index(t))
-        neg = [table[u, j] for j in cand if j != t]
-        assert auc_u[n] == pytest.approx(sum(float(s < table[u, t]) for s in neg) / len(neg))
+        neg_scores = [float(table[u, j]) for j in cand if j != t]
+        assert auc_u[n] == pytest.approx(sum(float(s < table[u, t]) for s in neg_scores) / len(neg_scores))
+        assert pos[n] == table[u, t] and neg[n] in neg_scores  # the sampled negative is a candidate
 
 
 def test_negative_sampler_avoids_positives(prepared):
