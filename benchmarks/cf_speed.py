@@ -21,11 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from ckf_dist.cf.folds import ML100K_ITEMS, ML100K_MF_CONFIG as MF_CFG, ML100K_USERS, read_ml100k_fold  # noqa: E402
-from ckf_dist.cf.folds import run_ml100k_fold  # noqa: E402
-from ckf_dist.config import CFConfig  # noqa: E402
+from ckf_dist.cf.folds import (
+    ML100K_ITEMS,
+    ML100K_USERS,
+    read_ml100k_fold,
+    run_ml100k_fold,
+)
+from ckf_dist.cf.folds import ML100K_MF_CONFIG as MF_CFG
+from ckf_dist.config import CFConfig
 
 
 def surprise_svd_fold(root: Path, fold: int) -> dict[str, float]:
@@ -115,7 +120,8 @@ def ranking_part(root: Path, prepared_dir: Path, cold_threshold: int, epochs: in
     ids = read_id_space(prepared_dir)
     train, valid, test = (read_split(prepared_dir, s, ids) for s in ("train", "valid", "test"))
     out: dict[str, object] = {}
-    common = dict(dim=dim, lr=0.005, weight_decay=1e-4, batch_size=2048, epochs=epochs, patience=5, seed=0)
+    common = {"dim": dim, "lr": 0.005, "weight_decay": 1e-4, "batch_size": 2048, "epochs": epochs, "patience": 5,
+              "seed": 0}
     for kind, extra in (("bpr", {}), ("lightgcn", {"num_layers": 3})):
         t0 = time.perf_counter()
         res = fit(CFConfig(model=kind, **common, **extra), train, valid, ids.num_users, ids.num_items,

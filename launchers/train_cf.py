@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckf_dist.cli import parse_run_args  # noqa: E402
+from ckf_dist.cli import parse_run_args
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         backend = cfg.train.backend if cfg.train.backend != "auto" else ("nccl" if torch.cuda.is_available()
                                                                        else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
         started = True
     try:

@@ -127,12 +127,3 @@ def manifest_sha256(prepared_dir: str | Path) -> str:
         raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}; run prepare_data first")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def user_item_csr(rows: Interactions, num_users: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indptr (U+1,), items sorted by user) of the distinct (user, item) pairs: per-user item sets."""
-    key = torch.unique(rows.uid * (int(rows.iid.max()) + 1 if len(rows) else 1) + rows.iid)
-    width = int(rows.iid.max()) + 1 if len(rows) else 1
-    users, items = key // width, key % width
-    indptr = torch.zeros(num_users + 1, dtype=torch.int64)
-    indptr[1:] = torch.bincount(users, minlength=num_users).cumsum(0)
-    return indptr, items

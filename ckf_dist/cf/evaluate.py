@@ -15,8 +15,6 @@ import torch
 from ckf_dist.cf.data import Interactions
 from ckf_dist.eval.metrics import auc, hit_rate_at_k, mae, ndcg_at_k, rmse
 
-GROUPS: tuple[str, ...] = ("", "/warm", "/cold")
-
 
 def user_groups(uid: torch.Tensor, train_counts: torch.Tensor, cold_threshold: int) -> dict[str, np.ndarray]:
     """Masks of all / warm / cold rows; a user with <= cold_threshold training interactions is cold."""
@@ -111,7 +109,7 @@ def all_item_ranks(full_scores: Callable[[torch.Tensor], torch.Tensor], uid: tor
                 break
             neg[bad] = torch.randint(num_items, (int(bad.sum()),), generator=g)
         nscores.append(scores[b, neg])
-    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0))  # noqa: E731
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0))
     return cat(ranks).long(), cat(aucs).double(), cat(tscores), cat(nscores)
 
 

@@ -134,7 +134,7 @@ def load_cf_embeddings(path: str | Path, expected_manifest_sha: str | None = Non
         if raw_meta is None:
             raise ValueError(f"{path}: no '{META_KEY}' metadata; not a file written by save_cf_embeddings")
         meta = json.loads(raw_meta)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
     got = meta.get("manifest_sha256")
     if expected_manifest_sha is not None and got != expected_manifest_sha:
         raise ValueError(f"{path}: CF embeddings were built from data manifest sha256 {got}, but the prepared data "

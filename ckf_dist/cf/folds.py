@@ -87,7 +87,7 @@ def holdout(rows: Interactions, frac: float, seed: int) -> tuple[Interactions, I
     if not 0.0 < frac < 1.0:
         raise ValueError(f"validation fraction must be within (0, 1), got {frac}")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(frac * len(rows))))
+    n_val = max(1, round(frac * len(rows)))
     return rows.subset(perm[n_val:]), rows.subset(perm[:n_val])
 
 

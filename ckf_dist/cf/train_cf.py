@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ckf_dist.cf.data import Interactions, check_ids, manifest_sha256, read_id_space, read_split
-from ckf_dist.cf.evaluate import rating_metrics, ranking_metrics, user_groups
+from ckf_dist.cf.evaluate import ranking_metrics, rating_metrics, user_groups
 from ckf_dist.cf.lightgcn import LightGCN, normalized_adjacency
-from ckf_dist.cf.mf import BiasedMF, BPRMF
+from ckf_dist.cf.mf import BPRMF, BiasedMF
 from ckf_dist.config import CFConfig, RunConfig
 
 
@@ -64,7 +64,7 @@ def default_device() -> torch.device:
         return torch.device("cpu")
     if dist.is_available() and dist.is_initialized() and dist.get_backend() != "nccl":
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def build_model(cfg: CFConfig, train: Interactions, num_users: int, num_items: int) -> nn.Module:

@@ -14,7 +14,7 @@ from ckf_dist.cf.data import Interactions, read_id_space, read_split
 from ckf_dist.cf.evaluate import all_item_ranks
 from ckf_dist.cf.export import CFEmbeddings, load_cf_embeddings, save_cf_embeddings
 from ckf_dist.cf.lightgcn import LightGCN, normalized_adjacency
-from ckf_dist.cf.mf import BiasedMF, BPRMF
+from ckf_dist.cf.mf import BPRMF, BiasedMF
 from ckf_dist.cf.synthetic import write_lowrank_prepared
 from ckf_dist.cf.train_cf import NegativeSampler, NonFiniteLossError, fit, train_cf
 from ckf_dist.config import CFConfig, load_config
