@@ -1,10 +1,11 @@
-"""Training-step overhead of CKF's Multi-LoRA + knowledge fusion (MTM + KFM) against a plain peft LoRA of the same total
-rank per module, on the same random Llama and the same batch, timed in one run (interleaved, median of N steps).
+"""Training-step overhead of CKF's Multi-LoRA + knowledge fusion (MTM + KFM) against a plain peft LoRA of the same
+total rank per module, on the same random Llama and the same batch, timed in one run (interleaved, median of N steps).
 
-Both sides train the same way: forward, answer-token cross-entropy (LM head on answer positions only, as CKFModel does),
-backward, AdamW step. The plain side gets rank r_shared on the shared targets and r_task on the task targets (what one
-row sees in Multi-LoRA); the CKF side computes every task's LoRA on every row (ZeRO-3-safe routing) plus the MetaNet,
-projectors and slot injection. Goal: ratio <= 1.10.
+Both sides train the same way: forward, answer-token cross-entropy (LM head on answer positions only, as CKFModel
+does), backward, AdamW step. The plain side gets rank r_shared on the shared targets and r_task on the task targets
+(what one row sees in Multi-LoRA); the CKF side computes every task's LoRA on every row (ZeRO-3-safe routing) plus the
+MetaNet, projectors and slot injection. Goal: ratio <= 1.10. Reports wall and process-CPU time: on a shared machine
+use --threads 1 and read the CPU ratio (wall time then also counts waiting for cores other jobs hold).
 
     python benchmarks/multi_lora_overhead.py                       # hidden 256, 4 layers, seq 256, batch 8
     python benchmarks/multi_lora_overhead.py --hidden 512 --steps 20 --json out.json
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckf_dist.config import ModelConfig, MultiLoRAConfig, TinyLLMConfig  # noqa: E402
-from ckf_dist.data.collate import Collator  # noqa: E402
-from ckf_dist.model.ckf import build_ckf_model  # noqa: E402
-from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer  # noqa: E402
-from ckf_dist.tasks import ITEM_SLOT, TASKS, USER_SLOT  # noqa: E402
+from ckf_dist.config import ModelConfig, MultiLoRAConfig, TinyLLMConfig
+from ckf_dist.data.collate import Collator
+from ckf_dist.model.ckf import build_ckf_model
+from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
+from ckf_dist.tasks import ITEM_SLOT, TASKS, USER_SLOT
 
 WORDS = ["blue", "river", "red", "stone", "green", "hill", "night", "city", "dark", "light", "song", "story", "great",
          "sound", "solid", "build", "worth", "price", "movie", "book"]
@@ -49,9 +50,10 @@ def make_samples(n: int, n_slots: int, filler_words: int, num_users: int, num_it
         prompt_cf = f"User {USER_SLOT} {body}. Items: " + ", ".join(f"{t} {ITEM_SLOT}" for t in titles) + ". Answer:"
         prompt_text = f"User {body}. Items: " + ", ".join(titles) + ". Answer:"
         answer = {"ctr": "Yes", "rating": "4", "topk": titles[0], "exp": "great sound and solid build"}[task]
-        out.append(dict(key=f"train/{task}/{i}/0", task=task, split="train", uid=i % num_users, history=items[:5],
-                        slot_items=items, prompt_cf=prompt_cf, prompt_text=prompt_text, answer=answer, label=1.0,
-                        candidates=[], candidate_titles=[], item=items[0], is_cold=False))
+        out.append({"key": f"train/{task}/{i}/0", "task": task, "split": "train", "uid": i % num_users,
+                    "history": items[:5], "slot_items": items, "prompt_cf": prompt_cf, "prompt_text": prompt_text,
+                    "answer": answer, "label": 1.0, "candidates": [], "candidate_titles": [], "item": items[0],
+                    "is_cold": False})
     return out
 
 

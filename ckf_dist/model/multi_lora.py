@@ -24,8 +24,15 @@ from torch import nn
 
 from ckf_dist.config import MultiLoRAConfig
 
-__all__ = ["MultiLoRAConfig", "LoRAAdapter", "TaskRouter", "TaskGradTracker", "MultiLoRALinear",
-           "inject_multi_lora", "multi_lora_layers"]
+__all__ = [
+    "LoRAAdapter",
+    "MultiLoRAConfig",
+    "MultiLoRALinear",
+    "TaskGradTracker",
+    "TaskRouter",
+    "inject_multi_lora",
+    "multi_lora_layers",
+]
 
 
 class LoRAAdapter(nn.Module):

@@ -147,6 +147,6 @@ def test_zero3_two_ranks_different_tasks_match_one_rank(tiny_llm_dir):
     for name, w in one["state"].items():
         for r in (r0, r1):
             torch.testing.assert_close(torch.from_numpy(r["state"][name]), w, atol=STATE_ATOL, rtol=0,
-                                       msg=lambda m: f"{name}: {m}")
+                                       msg=lambda m, name=name: f"{name}: {m}")
         moved += "lora_B" in name and bool(w.abs().sum() > 0)
     assert moved > 0, "LoRA B weights (zero at init) must have been updated"
