@@ -13,9 +13,9 @@ ML100K = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-10
 @pytest.mark.skipif(not (ML100K / "u1.base").is_file(), reason=f"ML-100K not found at {ML100K} (research-only data)")
 def test_biased_mf_u1_rmse():
     """Surprise's SVD gets 0.951 on u1 (the hardest canonical fold); we require <= 0.93 with the benchmark config."""
-    from ckf_dist.cf.folds import ML100K_MF_CONFIG, run_ml100k_fold
-
     import torch
+
+    from ckf_dist.cf.folds import ML100K_MF_CONFIG, run_ml100k_fold
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: extra threads only add synchronisation (and the benchmark uses 1)
