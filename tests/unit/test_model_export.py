@@ -50,7 +50,9 @@ def test_each_exported_peft_adapter_reproduces_its_task(tiny_llm, tiny_tokenizer
         with torch.no_grad():
             theirs = peft_model(inputs_embeds=embeds[rows], attention_mask=batch.attention_mask[rows],
                                 position_ids=position_ids[rows]).logits
-        torch.testing.assert_close(theirs[real[rows]], ours[rows][real[rows]], atol=1e-5, rtol=0)
+        # fp32: folding scalings/gate into B rounds differently; measured max |diff| ~9e-6 at |logit| up to ~7, so a
+        # relative term (1e-5) keeps the check robust across BLAS builds.
+        torch.testing.assert_close(theirs[real[rows]], ours[rows][real[rows]], atol=1e-5, rtol=1e-5)
         if task == "rating":  # a wrong task's adapter must NOT reproduce other rows (the test can fail)
             other = batch.task_ids == TASK_ID["ctr"]
             with torch.no_grad():
@@ -69,7 +71,7 @@ def test_load_ckf_model_rebuilds_the_same_model(tiny_llm, tiny_tokenizer, tiny_l
     loaded = load_ckf_model(tiny_llm_dir, tmp_path / "adapters", user_emb, item_emb, model_cfg, lora_cfg).eval()
     batch = collate(tiny_tokenizer, mixed_samples(), variants=("text", "cf"))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.logits(batch), model.logits(batch), atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded.logits(batch), model.logits(batch), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
         load_ckf_model(tiny_llm_dir, tmp_path / "adapters", user_emb, item_emb, ModelConfig(meta_hidden=16),
                        lora_cfg)
