@@ -56,8 +56,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     cf = ensure_cf_embeddings(cfg, rank)
     say(f"[ckf] CF tables: users {tuple(cf.user.shape)}, items {tuple(cf.item.shape)}")
 
-    # 3. The CKF model around a ZeRO-3-sharded LLM.
+    # 3. The CKF model around a ZeRO-3-sharded LLM. Re-seed first: whether the stages above ran (or were found
+    # done) must not change the initial LoRA / MetaNet weights, or a rerun would not reproduce a run.
     base_dir = ensure_base_model(cfg, rank)
+    seed_everything(cfg.train.seed)
     ds_config = make_ds_config(cfg, world, hidden_size_of(base_dir))
     model, tokenizer, _keepalive = build_model(cfg, base_dir, cf.user, cf.item, ds_config)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
