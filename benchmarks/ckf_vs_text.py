@@ -22,8 +22,12 @@ from tests.integration.run_utils import env, launcher_cmd  # noqa: E402
 
 
 def run(name: str, config: str, run_dir: Path, nproc: int, overrides: list[str]) -> dict:
+    if (run_dir / "metrics.json").is_file():  # finished earlier: the benchmark resumes where it stopped
+        print(f"{name}: reusing {run_dir}", flush=True)
+        return json.loads((run_dir / "metrics.json").read_text())
     t0 = time.perf_counter()
-    cmd = launcher_cmd(nproc, ["--config", config, f"log.run_dir={run_dir}", *overrides])
+    # log.run_dir goes last so that it wins over a log.run_dir among the user's overrides.
+    cmd = launcher_cmd(nproc, ["--config", config, *overrides, f"log.run_dir={run_dir}"])
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{name} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
@@ -40,7 +44,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     base = Path(cfg.log.run_dir)
     ckf_dir, text_dir = base / "ckf", base / "text"
-    common = [f"data.prepared_dir={cfg.data.prepared_dir}", *args.overrides]
+    common = [*args.overrides, f"data.prepared_dir={cfg.data.prepared_dir}"]
     ckf = run("CKF", args.config, ckf_dir, args.nproc, common)
     # The text-only model shares the data, the CF tables and the base LLM, so only the prompts differ.
     text = run("LLM (text-only)", args.config, text_dir, args.nproc,
