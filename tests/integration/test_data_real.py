@@ -26,7 +26,14 @@ def test_ml100k_end_to_end(tmp_path):
     assert m["interactions"] == {"train": 100_000 - 2 * 943, "valid": 943, "test": 943}
     assert m["skips"]["total"] == 0
     assert m["counts"]["test"] == {"ctr": 2 * 943, "topk": 943, "rating": 943}
-    assert m["cold_users"] == 0  # every ML-100K user has >= 20 ratings
+    # Every ML-100K user has >= 20 ratings, so cold users exist only under the config's raised threshold (20):
+    # exactly those with <= 20 training interactions.
+    import pandas as pd
+
+    users = pd.read_parquet(tmp_path / "d" / "users.parquet")
+    assert cfg.data.cold_threshold == 20 and users.n_train.min() >= 18
+    assert m["cold_users"] == int((users.n_train <= 20).sum()) == int(users.is_cold.sum()) > 0
+    assert m["warm_users"] + m["cold_users"] == 943
     assert leakage_problems(tmp_path / "d") == []
 
 
