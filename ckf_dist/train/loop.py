@@ -97,6 +97,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             ckf.reset_task_grads()
             loss_sum = torch.zeros(len(TASKS), dtype=torch.float64)
             tok_sum = torch.zeros(len(TASKS), dtype=torch.float64)
+            row_sum = torch.zeros(len(TASKS), dtype=torch.float64)
             total_loss = 0.0
             for micro in range(cfg.train.grad_accum):
                 # Same seed stream on every rank's mixture state -> same mixture; the rank enters the seed so ranks
@@ -109,19 +110,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
                 loss_sum += (out.task_loss.double() * out.task_tokens.double()).cpu()
                 tok_sum += out.task_tokens.double().cpu()
+                row_sum += torch.bincount(batch.task_ids.cpu(), minlength=len(TASKS)).double()
                 total_loss += float(out.loss.detach()) / cfg.train.grad_accum
                 seen_samples += len(samples)
                 seen_tokens += int(batch.attention_mask.sum())
 
             # Per-task statistics over all ranks: losses, answer tokens and shared-LoRA gradients.
-            stats = torch.cat([loss_sum, tok_sum, torch.tensor([total_loss], dtype=torch.float64)])
+            stats = torch.cat([loss_sum, tok_sum, row_sum, torch.tensor([total_loss], dtype=torch.float64)])
             dist.all_reduce(stats)
             task_grads = ckf.task_grads().double().cpu()
             dist.all_reduce(task_grads)
             n = len(TASKS)
             task_tokens = stats[n:2 * n]
             task_loss = stats[:n] / task_tokens.clamp_min(1)
-            grad_norms, cos = task_gradient_stats(task_grads, task_tokens)
+            grad_norms, cos = task_gradient_stats(task_grads, task_samples=stats[2 * n:3 * n])
             ids = [TASK_ID[t] for t in cfg.data.tasks]
             mixture.update(grad_norms[ids], task_loss[ids], present=task_tokens[ids] > 0)
 

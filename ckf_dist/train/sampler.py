@@ -2,7 +2,9 @@
 task's gradient on the shared LoRA and its loss progress.
 
 Rule (documented, GradNorm-flavoured but acting on the data mixture instead of loss weights):
-  g_t  = EMA of || d mean-loss_t / d shared-LoRA ||   (per-task gradient, measured in the normal backward pass)
+  g_t  = EMA of the shared-LoRA gradient one SAMPLE of task t contributes (measured in the normal backward pass:
+         task t's share of the gradient divided by its share of the step's samples; the mixture hands out samples,
+         so this is the quantity it controls. Per token instead would starve short-answer tasks such as CTR.)
   r_t  = EMA(L_t) / L_t(first steps)                  (relative loss: 1 = no progress yet, small = learnt)
   s_t  = r_t / (g_t / mean_t g)                       (tasks that still have loss to lose but pull the shared
                                                        adapter weakly are under-served)
@@ -95,17 +97,17 @@ class TaskMixture:
             setattr(self, k, v.clone())
 
 
-def task_gradient_stats(task_grads: torch.Tensor, task_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task gradient norms of the task mean losses, and the (T, T) cosine matrix between task gradients.
+def task_gradient_stats(task_grads: torch.Tensor, task_samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradient norm of each task, and the (T, T) cosine matrix between task gradients.
 
     Args:
         task_grads: (T, P) each task's share of the (all-reduced) shared-LoRA gradient of the total loss.
-        task_tokens: (T,) answer tokens of each task in the step (all ranks).
+        task_samples: (T,) rows of each task in the step (all ranks).
 
-    The total loss is a token mean, so task t contributes (n_t / N) x grad(mean loss_t); dividing by n_t / N
-    gives the gradient of the task's own mean loss, independent of how many rows the mixture gave it.
+    Dividing a task's share of the gradient by its share of the samples gives what one more sample of that task
+    adds, independent of how many rows the mixture gave it; tasks absent from the step get NaN.
     """
-    n = task_tokens.double()
+    n = task_samples.double()
     share = n / n.sum().clamp_min(1)
     g = task_grads.double()
     norms = g.norm(dim=1) / share.clamp_min(1e-12)

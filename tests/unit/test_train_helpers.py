@@ -55,8 +55,13 @@ def test_draw_is_deterministic_by_generator():
     assert a == b and set(a) <= {"ctr", "topk", "rating"}
 
 
-def test_task_gradient_stats_normalises_by_token_share():
-    g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # task 0 owns 3/4 of the tokens
+def test_task_gradient_stats_normalises_by_sample_share():
+    g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # task 0 owns 3/4 of the samples
     norms, cos = task_gradient_stats(g, torch.tensor([30.0, 10.0]))
     assert torch.allclose(norms, torch.tensor([5.0 / 0.75, 1.0 / 0.25], dtype=torch.float64))
     assert math.isclose(float(cos[0, 1]), 0.8)
+
+
+def test_absent_task_has_no_gradient_norm():
+    norms, _ = task_gradient_stats(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([4.0, 0.0]))
+    assert norms[0] == 1.0 and torch.isnan(norms[1])
