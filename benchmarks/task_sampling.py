@@ -41,6 +41,9 @@ def normalised(task: str, value: float, candidates: int = 10) -> float:
 
 def run(sampler: str, seed: int, steps: int, out: Path, nproc: int, extra: list[str]) -> dict:
     run_dir = out / f"{sampler}-seed{seed}"
+    if (run_dir / "metrics.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
+        print(f"  {sampler:>13} seed {seed}: reusing {run_dir}", flush=True)
+        return json.loads((run_dir / "metrics.json").read_text())["CKF"]
     overrides = ["--config", str(ROOT / "configs" / "demo.yaml"), f"log.run_dir={run_dir}",
                  f"data.prepared_dir={out / 'data'}", f"train.sampler={sampler}", f"train.seed={seed}",
                  f"train.max_steps={steps}", f"train.ckpt_every={steps}", "train.resume=never", "log.progress=false",
