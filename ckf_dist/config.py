@@ -167,9 +167,17 @@ class CFConfig:
     """Data-parallel workers for a Ray Train run (under torchrun/deepspeed the world size is used)."""
     embeddings_path: str | None = None
     """Where the exported CF tables live; default `<run_dir>/cf/embeddings.safetensors`."""
+    solver: Literal["sgd", "als"] = "sgd"
+    """cf.model=mf only. 'sgd': mini-batch Adam (lr, batch_size). 'als': closed-form alternating least squares,
+    one epoch = one user sweep + one item sweep, weight_decay = lambda scaled by each row's rating count (lr and
+    batch_size unused); data-parallel by all-reducing the per-row normal equations, so N ranks == 1 rank."""
 
     def problems(self, p: str) -> list[str]:
         out = []
+        if self.solver not in ("sgd", "als"):
+            out.append(f"{p}.solver must be 'sgd' or 'als', got {self.solver!r}")
+        if self.solver == "als" and self.model != "mf":
+            out.append(f"{p}.solver='als' needs {p}.model='mf', got {self.model!r}")
         if not 8 <= self.dim <= 256:
             out.append(f"{p}.dim must be within [8, 256], got {self.dim}")
         for name in ("epochs", "batch_size", "workers"):

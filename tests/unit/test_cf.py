@@ -176,3 +176,20 @@ def test_ml100k_reader_maps_ids_and_names_bad_lines(tmp_path):
     bad.write_text("1\t1\t5\t874965758\n1\t1683\t5\t874965758\n")
     with pytest.raises(ValueError, match=r"u2.base:2: user 1 / item 1683"):
         read_ml100k_file(bad)
+
+
+def test_fit_mf_als_matches_sgd_band(prepared):
+    """cf.solver=als reaches the SGD path's validation RMSE band on a low-rank dataset, and beats the global mean."""
+    train, valid = _rows(prepared, "train"), _rows(prepared, "valid")
+    base = dict(model="mf", dim=8, epochs=30, patience=0, seed=0)
+    sgd = fit(CFConfig(**base, lr=0.02, weight_decay=0.01, batch_size=32), train, valid, 30, 40)
+    als = fit(CFConfig(**base, solver="als", weight_decay=0.05), train, valid, 30, 40)
+    mean_rmse = float((valid.rating - train.rating.mean()).pow(2).mean().sqrt())
+    assert als.best_valid < mean_rmse
+    assert als.best_valid <= sgd.best_valid * 1.1, (als.best_valid, sgd.best_valid)
+
+
+def test_als_solver_config_checked():
+    assert any("solver" in m for m in CFConfig(model="bpr", solver="als").problems("cf"))
+    assert any("solver" in m for m in CFConfig(solver="newton").problems("cf"))
+    assert not CFConfig(solver="als").problems("cf")
