@@ -99,8 +99,8 @@ def rank_of_target(scores: ArrayLike, target: int) -> int:
     return 1 + int((s > t).sum()) + int((s == t).sum()) - 1
 
 
-def hit_rate_at_k(ranks: ArrayLike, k: int) -> float | None:
-    """Share of samples whose target (1-based `ranks`) is within the top k; None for no samples."""
+def _checked_ranks(ranks: ArrayLike, k: int) -> np.ndarray | None:
+    """1-based ranks as an array, None when there are none; ValueError for k <= 0 or a rank < 1."""
     r = _np(ranks)
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
@@ -108,18 +108,20 @@ def hit_rate_at_k(ranks: ArrayLike, k: int) -> float | None:
         return None
     if (r < 1).any():
         raise ValueError("ranks are 1-based; got a rank < 1")
-    return float((r <= k).mean())
+    return r
+
+
+def hit_rate_at_k(ranks: ArrayLike, k: int) -> float | None:
+    """Share of samples whose target (1-based `ranks`) is within the top k; None for no samples."""
+    r = _checked_ranks(ranks, k)
+    return None if r is None else float((r <= k).mean())
 
 
 def ndcg_at_k(ranks: ArrayLike, k: int) -> float | None:
     """NDCG@k with one relevant item per sample: 1 / log2(rank + 1) if rank <= k else 0 (the ideal DCG is 1)."""
-    r = _np(ranks)
-    if k <= 0:
-        raise ValueError(f"k must be > 0, got {k}")
-    if len(r) == 0:
+    r = _checked_ranks(ranks, k)
+    if r is None:
         return None
-    if (r < 1).any():
-        raise ValueError("ranks are 1-based; got a rank < 1")
     gains = np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
     return float(gains.mean())
 
