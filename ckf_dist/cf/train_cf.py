@@ -218,21 +218,11 @@ def fit(cfg: CFConfig, train: Interactions, valid: Interactions | None, num_user
             epoch_loss += global_loss
             step += 1
         rec = {"epoch": float(epoch), "train/loss": epoch_loss / steps_per_epoch, "seconds": time.perf_counter() - t0}
-        improved = True
         if valid is not None:
             v = validation_metric(model, cfg.model, train, valid, num_items, rating_range, device)
             rec["valid/rmse" if lower_is_better else "valid/ndcg@10"] = v
-            improved = best is None or (v < best[0] if lower_is_better else v > best[0])
-            if improved:
-                best = (v, epoch, copy.deepcopy(model.state_dict()))
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-        history.append(rec)
-        if writer is not None:
-            for k, val in rec.items():
-                if k != "epoch":
-                    writer.add_scalar(k, val, epoch)
+            best, bad_epochs = _track_best(v, lower_is_better, best, bad_epochs, model, epoch)
+        _record_epoch(rec, epoch, history, writer)
         if bar is not None:
             bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if "/" in k})
             bar.update(1)
@@ -264,6 +254,21 @@ def _als_half(sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, resid: 
         A, b, n = flat[:A.numel()].view_as(A), flat[A.numel():A.numel() + b.numel()].view_as(b), flat[-len(n):]
     A = A.view(-1, k, k) + (lam * n.clamp(min=1))[:, None, None] * torch.eye(k, dtype=other.dtype, device=other.device)
     return torch.linalg.solve(A, b)  # rows without ratings: A = lam I, b = 0 -> x = 0
+
+
+def _track_best(v: float, lower_is_better: bool, best, bad_epochs: int, model: torch.nn.Module, epoch: int):
+    """Early-stopping bookkeeping shared by both solvers: keep the best weights, count epochs without improvement."""
+    if best is None or (v < best[0] if lower_is_better else v > best[0]):
+        return (v, epoch, copy.deepcopy(model.state_dict())), 0
+    return best, bad_epochs + 1
+
+
+def _record_epoch(rec: dict[str, float], epoch: int, history: list[dict[str, float]], writer) -> None:
+    history.append(rec)
+    if writer is not None:
+        for k, val in rec.items():
+            if k != "epoch":
+                writer.add_scalar(k, val, epoch)
 
 
 def _fit_als(cfg: CFConfig, model: BiasedMF, train: Interactions, valid: Interactions | None,
@@ -315,21 +320,11 @@ def _fit_als(cfg: CFConfig, model: BiasedMF, train: Interactions, valid: Interac
                 raise NonFiniteLossError(f"cf.mf (als): the training loss became {train_mse} at epoch {epoch} "
                                          f"(weight_decay={cfg.weight_decay}); raise cf.weight_decay")
             rec = {"epoch": float(epoch), "train/loss": train_mse, "seconds": time.perf_counter() - t0}
-            improved = True
             if valid is not None:
                 v = validation_metric(model, "mf", train, valid, 0, rating_range, device)
                 rec["valid/rmse"] = v
-                improved = best is None or v < best[0]
-                if improved:
-                    best = (v, epoch, copy.deepcopy(model.state_dict()))
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
-            history.append(rec)
-            if writer is not None:
-                for key, val in rec.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, val, epoch)
+                best, bad_epochs = _track_best(v, True, best, bad_epochs, model, epoch)
+            _record_epoch(rec, epoch, history, writer)
             if cfg.patience > 0 and bad_epochs >= cfg.patience:
                 break
     if best is not None:
