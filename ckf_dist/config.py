@@ -316,6 +316,9 @@ class TrainConfig:
     sampler_temperature: float = 1.0
     sampler_floor: float = 0.05
     """Smallest share any task can get (no task starves)."""
+    prefetch: bool = True
+    """Build the next step's micro-batches in a background thread while this step computes. The next step's task
+    draws then use the mixture as it was one update earlier (lag one); resume is exact either way."""
     seed: int = 0
     resume: Literal["never", "auto"] = "auto"
     """'auto' resumes from the newest complete checkpoint in the run directory."""
