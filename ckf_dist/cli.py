@@ -2,7 +2,7 @@
 
     ckf-dist train       --config configs/demo.yaml train.lr=2e-4     (what `deepspeed launchers/train.py` runs)
     ckf-dist prepare     --config ...                                 (data only)
-    ckf-dist train-cf    --config ...                                 (CF embeddings only)
+    ckf-dist train-cf    --config ... [--ray-workers N]               (CF embeddings only; = launchers/train_cf.py)
     ckf-dist evaluate    --config ...                                 (evaluate a finished run directory)
 """
 
@@ -59,13 +59,16 @@ def _prepare(argv: list[str]) -> None:
 
 
 def _train_cf(argv: list[str]) -> None:
-    from ckf_dist.cf.train_cf import train_cf
-
-    train_cf(parse_run_args(argv, "ckf-dist train-cf"))
+    # The launcher starts the process group under torchrun/deepspeed and handles --ray-workers N.
+    _run_launcher("train_cf.py", argv)
 
 
 def _evaluate(argv: list[str]) -> None:
+    _run_launcher("evaluate.py", argv)
+
+
+def _run_launcher(name: str, argv: list[str]) -> None:
     import runpy
 
-    sys.argv = ["launchers/evaluate.py", *argv]
-    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "launchers", "evaluate.py"), run_name="__main__")
+    sys.argv = [f"launchers/{name}", *argv]
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "launchers", name), run_name="__main__")
