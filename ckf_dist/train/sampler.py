@@ -1,16 +1,26 @@
 """Gradient-balanced multi-task sampling (MTM): the task mixture of the coming micro-batches follows each
 task's gradient on the shared LoRA and its loss progress.
 
-Rule (documented, GradNorm-flavoured but acting on the data mixture instead of loss weights):
-  g_t  = EMA of the shared-LoRA gradient one SAMPLE of task t contributes (measured in the normal backward pass:
-         task t's share of the gradient divided by its share of the step's samples; the mixture hands out samples,
-         so this is the quantity it controls. Per token instead would starve short-answer tasks such as CTR.)
-  r_t  = EMA(L_t) / L_t(first steps)                  (relative loss: 1 = no progress yet, small = learnt)
-  s_t  = r_t / (g_t / mean_t g)                       (tasks that still have loss to lose but pull the shared
-                                                       adapter weakly are under-served)
-  p    = floor + (1 - T * floor) * softmax(log s / temperature)
-So a task whose gradient is tiny relative to the others gains share; equal tasks stay uniform; the floor keeps
-every task alive. Every rank computes p from all-reduced statistics, so all ranks use the same mixture.
+Rule (documented; GradNorm's target, acting on the data mixture instead of loss weights, and taking share only
+from tasks that have stopped learning). Once per optimizer step, from all-reduced statistics, so every rank computes
+the same mixture; u = 1/T for T tasks:
+  g_t  = EMA (beta) of the shared-LoRA gradient one SAMPLE of task t contributes (measured in the normal backward
+         pass: task t's share of the gradient divided by its share of the step's samples; the mixture hands out
+         samples, so this is the quantity it controls. Per token instead would starve short-answer tasks, e.g. CTR.)
+  L_t  = EMA (beta) of task t's answer-token loss, S_t = slower EMA (slow_beta) of it, L0_t = mean of its first 5.
+  r_t  = (L_t / L0_t) / mean_j (L_j / L0_j)          GradNorm's inverse training rate (> 1: behind the others)
+  b_t  = softmax_t((alpha * log r_t - log(g_t / mean_j g_j)) / temperature)
+         GradNorm's target: at temperature 1, b_t * g_t (the pull of task t on the shared LoRA) is proportional to
+         r_t^alpha; alpha = 0 equalises the pulls.
+  q_t  = clamp((S_t - L_t) / S_t / progress, 0, 1)   1 = still learning: the fast loss average is `progress` (relative)
+         or more below the slow one; 0 = plateaued
+  give_t = (1 - q_t) * max(u - b_t, 0)              over-served tasks give share only as far as they have plateaued
+  p_t  = u - give_t + sum_j give_j * max(b_t - u, 0) / sum_j max(b_j - u, 0)   (under-served tasks receive, by deficit)
+  weights = floor + (1 - T * floor) * p             (every task keeps at least `floor`)
+The first `warmup` steps stay uniform while the statistics are collected. So a task whose gradient on the shared
+adapter is small relative to its remaining loss gains share, taken from plateaued tasks that pull it hard; a task
+whose loss is still falling never loses share; equal tasks stay uniform. The whole state (EMAs, references, counts,
+step, weights) is in state_dict, so a resumed run continues with exactly the same mixture.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from typing import Any
 
 import torch
 
+_STATE = ("weights", "g_ema", "l_ema", "l_slow", "l_init", "seen", "steps")
+
 
 class TaskMixture:
     """Task mixture for micro-batch rows: uniform, or updated from gradient statistics.
@@ -27,36 +39,45 @@ class TaskMixture:
     Args:
         tasks: task names (order = task ids).
         mode: "uniform" or "grad_balanced".
-        temperature: softmax temperature of the update (higher = flatter).
+        temperature: softmax temperature of the balanced target (higher = flatter).
         floor: minimum share of every task.
-        beta: EMA factor of the statistics.
+        beta: EMA factor of the gradient and (fast) loss statistics.
+        slow_beta: EMA factor of the slow loss average the learning progress is measured against.
+        progress: relative loss drop (fast vs slow EMA) at which a task counts as fully still learning.
+        alpha: exponent of GradNorm's inverse training rate in the target.
+        warmup: optimizer steps at the uniform mixture before balancing starts.
 
     Example:
-        >>> m = TaskMixture(["ctr", "topk"], "grad_balanced")
-        >>> m.update(grad_norms=torch.tensor([1.0, 0.01]), losses=torch.tensor([0.7, 0.7]))
-        >>> m.weights  # topk's share rises
+        >>> m = TaskMixture(["ctr", "topk"], "grad_balanced", warmup=0)
+        >>> for _ in range(30):
+        ...     m.update(grad_norms=torch.tensor([1.0, 0.01]), losses=torch.tensor([0.7, 0.7]))
+        >>> m.weights  # losses flat (plateaued); ctr pulls the shared adapter hard -> topk's share rises
     """
 
     def __init__(self, tasks: Sequence[str], mode: str = "uniform", temperature: float = 1.0, floor: float = 0.05,
-                 beta: float = 0.9) -> None:
+                 beta: float = 0.9, slow_beta: float = 0.98, progress: float = 0.2, alpha: float = 0.0,
+                 warmup: int = 20) -> None:
         if mode not in ("uniform", "grad_balanced"):
             raise ValueError(f"train.sampler must be 'uniform' or 'grad_balanced', got {mode!r}")
         if floor * len(tasks) >= 1:
             raise ValueError(f"train.sampler_floor={floor} x {len(tasks)} tasks >= 1 leaves nothing to balance")
         self.tasks = list(tasks)
         self.mode, self.temperature, self.floor, self.beta = mode, temperature, floor, beta
+        self.slow_beta, self.progress, self.alpha, self.warmup = slow_beta, progress, alpha, warmup
         T = len(tasks)
         self.weights = torch.full((T,), 1.0 / T, dtype=torch.float64)
         self.g_ema = torch.zeros(T, dtype=torch.float64)
         self.l_ema = torch.zeros(T, dtype=torch.float64)
+        self.l_slow = torch.zeros(T, dtype=torch.float64)
         self.l_init = torch.zeros(T, dtype=torch.float64)
         self.seen = torch.zeros(T, dtype=torch.long)
+        self.steps = torch.zeros((), dtype=torch.long)
 
     def update(self, grad_norms: torch.Tensor, losses: torch.Tensor, present: torch.Tensor | None = None) -> None:
         """Fold in one step's per-task statistics (already all-reduced) and recompute the mixture.
 
         Args:
-            grad_norms: (T,) norm of each task's mean-loss gradient on the shared LoRA.
+            grad_norms: (T,) per-sample norm of each task's gradient on the shared LoRA.
             losses: (T,) each task's mean answer-token loss.
             present: (T,) bool, tasks that had rows this step (others keep their statistics).
         """
@@ -65,24 +86,41 @@ class TaskMixture:
         present &= torch.isfinite(g) & torch.isfinite(l)
         first = present & (self.seen == 0)
         self.g_ema[first], self.l_ema[first], self.l_init[first] = g[first], l[first], l[first]
+        self.l_slow[first] = l[first]
         later = present & ~first
-        b = self.beta
+        b, bs = self.beta, self.slow_beta
         self.g_ema[later] = b * self.g_ema[later] + (1 - b) * g[later]
         self.l_ema[later] = b * self.l_ema[later] + (1 - b) * l[later]
+        self.l_slow[later] = bs * self.l_slow[later] + (1 - bs) * l[later]
         # The reference loss is the mean of the first few observations (one step is noisy).
         early = later & (self.seen < 5)
         self.l_init[early] = (self.l_init[early] * self.seen[early] + l[early]) / (self.seen[early] + 1)
         self.seen[present] += 1
-        if self.mode == "grad_balanced" and bool((self.seen > 0).all()):
+        self.steps += 1
+        if self.mode == "grad_balanced" and int(self.steps) > self.warmup and bool((self.seen > 0).all()):
             self.weights = self.balanced_weights()
+
+    def learning(self) -> torch.Tensor:
+        """(T,) in [0, 1]: 1 = the task's loss is still falling by `progress` (relative, fast vs slow EMA) or more."""
+        drop = (self.l_slow - self.l_ema) / self.l_slow.clamp_min(1e-12)
+        return (drop / self.progress).clamp(0.0, 1.0)
 
     def balanced_weights(self) -> torch.Tensor:
         eps = 1e-12
-        rel_loss = self.l_ema / self.l_init.clamp_min(eps)
+        T = len(self.tasks)
+        u = 1.0 / T
+        rate = self.l_ema / self.l_init.clamp_min(eps)
+        rate = rate / rate.mean().clamp_min(eps)
         rel_grad = self.g_ema / self.g_ema.mean().clamp_min(eps)
-        score = rel_loss.clamp_min(eps) / rel_grad.clamp_min(eps)
-        soft = torch.softmax(score.log() / self.temperature, dim=0)
-        return self.floor + (1 - len(self.tasks) * self.floor) * soft
+        logit = (self.alpha * rate.clamp_min(eps).log() - rel_grad.clamp_min(eps).log()) / self.temperature
+        target = torch.softmax(logit, dim=0)
+        # Plateaued tasks above their target give the excess away; tasks below it receive, by their deficit.
+        give = (1.0 - self.learning()) * (u - target).clamp_min(0.0)
+        need = (target - u).clamp_min(0.0)
+        p = u - give
+        if float(need.sum()) > 0:
+            p = p + give.sum() * need / need.sum()
+        return self.floor + (1 - T * self.floor) * p
 
     def draw(self, n: int, generator: torch.Generator) -> list[str]:
         """n task names drawn from the mixture (same generator state -> same draws on every call)."""
@@ -90,7 +128,7 @@ class TaskMixture:
         return [self.tasks[i] for i in idx.tolist()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k).clone() for k in ("weights", "g_ema", "l_ema", "l_init", "seen")}
+        return {k: getattr(self, k).clone() for k in _STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
