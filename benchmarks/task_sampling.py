@@ -87,7 +87,7 @@ def main() -> None:
     if args.only:
         return
 
-    print(f"\n{'task':8} {'metric':14} {'uniform':>18} {'grad_balanced':>18} {'delta':>8} {'noise':>7}")
+    print(f"\n{'task':8} {'metric':14} {'uniform':>18} {'grad_balanced':>18} {'delta':>8} {'noise':>7} {'scale01':>8}")
     rel_gain, ok_noise, per_seed = {}, True, {}
     for task, (key, higher) in HEADLINE.items():
         vals = {s: [m[key] for m in rs if m.get(key) is not None] for s, rs in results.items()}
@@ -100,12 +100,12 @@ def main() -> None:
         rel_gain[task] = (mu["uniform"], delta)
         ok_noise &= delta >= -noise
         print(f"{task:8} {key:14} {mu['uniform']:>10.4f}±{sd['uniform']:.4f} {mu['grad_balanced']:>10.4f}±"
-              f"{sd['grad_balanced']:.4f} {delta:>+8.4f} {noise:>7.4f}")
+              f"{sd['grad_balanced']:.4f} {delta:>+8.4f} {noise:>7.4f} {normalised(task, mu['uniform']):>8.3f}")
         per_seed[task] = vals
     print(f"\nper seed ({' '.join(map(str, args.seeds))}):")
     for task, vals in per_seed.items():
         print(f"  {task:8} " + "   ".join(f"{s}: " + " ".join(f"{v:.4f}" for v in vs) for s, vs in vals.items()))
-    # "Worst" task: the lowest score on a common 0-1 scale between chance and perfect (AUC: 0.5 -> 1; NDCG@10:
+    # "Worst" task (scale01 column, uniform mean): the lowest score on a common 0-1 scale between chance and perfect (AUC: 0.5 -> 1; NDCG@10:
     # random ranking of the candidates -> 1; RMSE: 4 (worst on a 1-5 scale) -> 0; ROUGE-L: 0 -> 1).
     worst = min(rel_gain, key=lambda t: normalised(t, rel_gain[t][0]))
     print(f"\nworst task under uniform: {worst}; change with grad_balanced: {rel_gain[worst][1]:+.4f} "
