@@ -314,6 +314,8 @@ class TrainConfig:
     sampler: Literal["uniform", "grad_balanced"] = "uniform"
     """Task mixture of the micro-batches."""
     sampler_temperature: float = 1.0
+    """grad_balanced: temperature of the GradNorm target (higher = flatter); the rule and its other constants are
+    documented in ckf_dist/train/sampler.py."""
     sampler_floor: float = 0.05
     """Smallest share any task can get (no task starves)."""
     prefetch: bool = True
