@@ -107,6 +107,7 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
     from ckf_dist.data.ray_stream import TaskStream
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
+    from ckf_dist.train.batches import StepBatches
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -119,12 +120,8 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
                             cfg.multi_lora, cfg.data.tasks)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     collator = Collator(tok, cfg.model.max_length, cfg.data.history_len)
-    streams = [TaskStream(prepared_dir, "train", t, 0, 1, seed=0) for t in cfg.data.tasks]
-    gen = torch.Generator().manual_seed(0)
     mb = cfg.train.micro_batch_size
-
-    def draw() -> list:
-        return [next(streams[k]) for k in torch.randint(len(streams), (mb,), generator=gen).tolist()]
+    weights = torch.full((len(cfg.data.tasks),), 1 / len(cfg.data.tasks), dtype=torch.float64)
 
     def step(batch) -> None:
         out = model(batch, text_weight=0.5)
@@ -132,41 +129,41 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # Synchronous, as the main loop does it: stream -> collate -> step.
-    t_stream = t_collate = t_step = 0.0
-    for k in range(steps + 2):
-        t0 = time.perf_counter()
-        samples = draw()
-        t1 = time.perf_counter()
-        batch = collator(samples, ("text", "cf"))
-        t2 = time.perf_counter()
-        step(batch)
-        t3 = time.perf_counter()
-        if k >= 2:  # warm-up steps excluded
-            t_stream, t_collate, t_step = t_stream + t1 - t0, t_collate + t2 - t1, t_step + t3 - t2
-    total = t_stream + t_collate + t_step
+    def timed_loop(prefetch: bool) -> tuple[float, float]:
+        """The main loop's data path (train/batches.py StepBatches: mixture draw -> TaskStream -> collate),
+        synchronous or built one step ahead; returns (seconds blocked on data, seconds in steps) after warm-up."""
+        streams = {t: TaskStream(prepared_dir, "train", t, 0, 1, seed=0) for t in cfg.data.tasks}
+        batches = StepBatches(streams, collator, cfg.data.tasks, mb, 1, seed=0, rank=0,
+                              variants=lambda s: ("text", "cf"), prefetch=prefetch)
+        t_wait = t_step = 0.0
+        for k in range(steps + 2):
+            t0 = time.perf_counter()
+            (batch,) = batches.take(k, weights, last_step=steps + 1)
+            t1 = time.perf_counter()
+            step(batch)
+            t2 = time.perf_counter()
+            if k >= 2:  # warm-up steps excluded
+                t_wait, t_step = t_wait + t1 - t0, t_step + t2 - t1
+        batches.close()
+        return t_wait, t_step
+
+    # TaskStream alone (no tokenisation) for the breakdown.
+    streams = [TaskStream(prepared_dir, "train", t, 0, 1, seed=0) for t in cfg.data.tasks]
+    t0 = time.perf_counter()
+    for k in range(steps * mb):
+        next(streams[k % len(streams)])
+    t_stream = time.perf_counter() - t0
+
+    sync_wait, sync_step = timed_loop(prefetch=False)
+    pre_wait, pre_step = timed_loop(prefetch=True)
     res = {"steps": steps, "micro_batch": mb, "threads": threads, "stream_ms_per_step": 1000 * t_stream / steps,
-           "collate_ms_per_step": 1000 * t_collate / steps, "step_ms": 1000 * t_step / steps,
-           "data_wait_fraction_sync": (t_stream + t_collate) / total,
-           "stream_wait_fraction_sync": t_stream / total, "samples_per_s_sync": steps * mb / total}
-
-    # The same with the batch built in a background thread (ray_stream.Prefetcher).
-    from ckf_dist.data.ray_stream import Prefetcher
-
-    batches = Prefetcher(lambda: collator(draw(), ("text", "cf")), depth=2)
-    t_wait = t_step = 0.0
-    for k in range(steps + 2):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t1 = time.perf_counter()
-        step(batch)
-        t2 = time.perf_counter()
-        if k >= 2:
-            t_wait, t_step = t_wait + t1 - t0, t_step + t2 - t1
-    batches.close()
-    res.update({"prefetch_wait_ms_per_step": 1000 * t_wait / steps, "prefetch_step_ms": 1000 * t_step / steps,
-                "data_wait_fraction_prefetch": t_wait / (t_wait + t_step),
-                "samples_per_s_prefetch": steps * mb / (t_wait + t_step)})
+           "collate_ms_per_step": 1000 * (sync_wait - t_stream) / steps, "step_ms": 1000 * sync_step / steps,
+           "data_wait_fraction_sync": sync_wait / (sync_wait + sync_step),
+           "stream_wait_fraction_sync": t_stream / (sync_wait + sync_step),
+           "samples_per_s_sync": steps * mb / (sync_wait + sync_step),
+           "prefetch_wait_ms_per_step": 1000 * pre_wait / steps, "prefetch_step_ms": 1000 * pre_step / steps,
+           "data_wait_fraction_prefetch": pre_wait / (pre_wait + pre_step),
+           "samples_per_s_prefetch": steps * mb / (pre_wait + pre_step)}
     return res
 
 
@@ -217,10 +214,10 @@ def main() -> None:
                   f"{st['taskstream_samples_per_s'] / st['pandas_samples_per_s']:.2f}x")
         tr = bench_training(cfg, prepared, args.steps, work, args.threads)
         result["training"] = tr
-        print(f"training loop (sync): {tr['stream_ms_per_step']:.2f} ms TaskStream + {tr['collate_ms_per_step']:.1f} ms "
+        print(f"training loop (train.prefetch=false): {tr['stream_ms_per_step']:.2f} ms TaskStream + {tr['collate_ms_per_step']:.1f} ms "
               f"collate + {tr['step_ms']:.1f} ms step -> data wait {100 * tr['data_wait_fraction_sync']:.1f}% "
               f"(stream alone {100 * tr['stream_wait_fraction_sync']:.2f}%), {tr['samples_per_s_sync']:.1f} samples/s")
-        print(f"training loop (Prefetcher): {tr['prefetch_wait_ms_per_step']:.1f} ms wait + {tr['prefetch_step_ms']:.1f} "
+        print(f"training loop (train.prefetch=true, the default): {tr['prefetch_wait_ms_per_step']:.1f} ms wait + {tr['prefetch_step_ms']:.1f} "
               f"ms step -> data wait {100 * tr['data_wait_fraction_prefetch']:.1f}% (goal < 5%), "
               f"{tr['samples_per_s_prefetch']:.1f} samples/s")
     if args.out:

@@ -7,7 +7,7 @@ Two ways in, one contract (each rank gets `epoch_size` samples per epoch, ranks 
 - `ray_dataset` / `streaming_split_iterators` / `RayShardStream`: the same shards through Ray Data
   (`read_webdataset` -> `random_shuffle(seed)` -> `streaming_split(world, equal=True)` or Ray Train's
   `get_dataset_shard`), for jobs whose data should flow through the Ray object store.
-- `Prefetcher`: builds the next collated batch in a background thread while the step runs (hides collation).
+(Building batches ahead of the step, with exact resume, is the training loop's business: train/batches.py.)
 """
 
 from __future__ import annotations
@@ -186,64 +186,3 @@ class RayShardStream:
             except StopIteration:
                 self._rows, self.epoch, self.position = None, self.epoch + 1, 0
         raise ValueError(f"Ray dataset shard for {self.task!r} is empty")
-
-
-class Prefetcher:
-    """Builds the next items (e.g. collated batches) in a background thread while the training step runs.
-
-    Tokenisation and torch's kernels release the GIL, so building batch k+1 overlaps step k; the loop then
-    waits only for what is not hidden. `make` is called once per item, in order, from one thread, so its
-    results are exactly those of calling it in the loop (it must not depend on the step's outcome -- e.g. a
-    task mixture that updates after every step would draw with weights one batch older).
-
-    Args:
-        make: zero-argument callable returning the next item.
-        depth: items built ahead (queue size).
-
-    Example:
-        >>> batches = Prefetcher(lambda: collator([next(s) for s in streams]), depth=2)
-        >>> batch = next(batches)
-        >>> batches.close()
-    """
-
-    def __init__(self, make: Any, depth: int = 2) -> None:
-        import queue
-        import threading
-
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self._make = make
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ckf-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                item: Any = ("ok", self._make())
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-                item = ("error", e)
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[0] == "error":
-                return
-
-    def __iter__(self) -> Prefetcher:
-        return self
-
-    def __next__(self) -> Any:
-        kind, value = self._q.get()
-        if kind == "error":
-            raise value
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ckf_dist.config import RunConfig, save_config
 from ckf_dist.data.collate import Collator
 from ckf_dist.tasks import TASK_ID, TASKS
+from ckf_dist.train.batches import StepBatches
 from ckf_dist.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ckf_dist.train.curriculum import curriculum_weight, variants_for
 from ckf_dist.train.deepspeed_utils import init_distributed, make_ds_config
@@ -69,42 +70,40 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ckf = engine.module
     collator = Collator(tokenizer, cfg.model.max_length, cfg.data.history_len)
     streams = {t: TaskStream(cfg.data.prepared_dir, "train", t, rank, world, cfg.data.seed) for t in cfg.data.tasks}
+    T = cfg.train.curriculum_steps or cfg.train.max_steps
     mixture = TaskMixture(cfg.data.tasks, cfg.train.sampler, cfg.train.sampler_temperature, cfg.train.sampler_floor)
+    text_weight_at = {"curriculum": lambda step: curriculum_weight(step, T), "cf": lambda step: 0.0,
+                      "text": lambda step: 1.0}[cfg.train.prompts]
+    batches = StepBatches(streams, collator, cfg.data.tasks, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                          cfg.train.seed, rank, lambda step: variants_for(text_weight_at(step)), cfg.train.prefetch)
     ckf.enable_task_grad_tracking(True)
     logger = RunLogger(run_dir, "ckf") if rank == 0 else NullLogger()
 
     start = 0
     if cfg.train.resume == "auto" and (found := complete_checkpoints(run_dir)):
         state = load_checkpoint(engine, found[-1])
-        for t, s in state["streams"].items():
-            streams[t].load_state_dict(s)
+        batches.load_state_dict(state["data"])
         mixture.load_state_dict(state["mixture"])
         start = state["steps_done"]
         say(f"[ckf] resumed from {found[-1]} at step {start}")
 
     # 4. The loop.
-    T = cfg.train.curriculum_steps or cfg.train.max_steps
     progress = make_progress(cfg, rank, start)
-    tick, seen_samples, seen_tokens = time.perf_counter(), 0, 0
+    tick, seen_samples, seen_tokens, waited = time.perf_counter(), 0, 0, batches.wait_s
     heartbeat, stop = Heartbeat(rank, world), StopRequest()
     try:
         for step in range(start, cfg.train.max_steps):
             heartbeat.beat(step)
-            text_weight = {"curriculum": None, "cf": 0.0, "text": 1.0}[cfg.train.prompts]
-            if text_weight is None:
-                text_weight = curriculum_weight(step, T)
-            variants = variants_for(text_weight)
+            text_weight = text_weight_at(step)
             ckf.reset_task_grads()
             loss_sum = torch.zeros(len(TASKS), dtype=torch.float64)
             tok_sum = torch.zeros(len(TASKS), dtype=torch.float64)
             row_sum = torch.zeros(len(TASKS), dtype=torch.float64)
             total_loss = 0.0
-            for micro in range(cfg.train.grad_accum):
-                # Same seed stream on every rank's mixture state -> same mixture; the rank enters the seed so ranks
-                # draw different rows (their streams are disjoint anyway).
-                gen = torch.Generator().manual_seed(hash((cfg.train.seed, step, micro, rank)) % 2**62)
-                samples = [next(streams[t]) for t in mixture.draw(cfg.train.micro_batch_size, gen)]
-                batch = collator(samples, variants).to(engine.device)
+            # Every rank draws with the same mixture. With train.prefetch these were built during the previous
+            # step, so they were drawn with the mixture one update older (lag one).
+            for batch in batches.take(step, mixture.weights, last_step=cfg.train.max_steps - 1):
+                batch = batch.to(engine.device)
                 out = engine(batch, text_weight=text_weight)
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
@@ -112,7 +111,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 tok_sum += out.task_tokens.double().cpu()
                 row_sum += torch.bincount(batch.task_ids.cpu(), minlength=len(TASKS)).double()
                 total_loss += float(out.loss.detach()) / cfg.train.grad_accum
-                seen_samples += len(samples)
+                seen_samples += cfg.train.micro_batch_size
                 seen_tokens += int(batch.attention_mask.sum())
 
             # Per-task statistics over all ranks: losses, answer tokens and shared-LoRA gradients.
@@ -139,6 +138,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                     "train/grad_norm": engine.get_global_grad_norm(),
                     "train/samples_per_s": seen_samples * world / elapsed,
                     "train/tokens_per_s": seen_tokens * world / elapsed,
+                    # Share of wall time this rank was blocked waiting for its next batch (goal < 5%).
+                    "train/data_wait_frac": (batches.wait_s - waited) / elapsed,
                 }
                 for i, t in zip(ids, cfg.data.tasks):
                     scalars[f"train/loss_{t}"] = float(task_loss[i]) if task_tokens[i] > 0 else None
@@ -148,17 +149,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                         if i < j:
                             scalars[f"train/grad_cos_{t}_{u}"] = float(cos[i, j])
                 logger.log_dict(scalars, done)
-                tick, seen_samples, seen_tokens = time.perf_counter(), 0, 0
+                tick, seen_samples, seen_tokens, waited = time.perf_counter(), 0, 0, batches.wait_s
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
+                batches.wait()  # the tokenizer is not safe to share with the batch-building thread
                 val = run_eval(cfg, ckf, tokenizer, "valid", "cf", rank, world, limit=cfg.eval.max_samples_per_task or 64)
                 logger.log_dict({f"valid/{k}": v for k, v in val.items()}, done)
             stopping = stop.requested()
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps or stopping:
-                rank_state = {"streams": {t: s.state_dict() for t, s in streams.items()},
+                rank_state = {"data": batches.state_dict(),
                               "mixture": mixture.state_dict(), "steps_done": done}
                 save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
             if stopping:
                 say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
+                batches.close()
                 logger.close()
                 return {}
     except Exception as err:
@@ -166,6 +169,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if is_collective_failure(err):
             raise heartbeat.explain(err) from err
         raise
+    finally:
+        batches.close()
     progress.close()
     logger.flush()
 

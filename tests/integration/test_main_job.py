@@ -47,7 +47,7 @@ def test_tensorboard_has_per_task_curves(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     scalars = read_scalars(run / "tb" / "ckf")
     expected = ["train/loss", "train/lr", "train/samples_per_s", "train/tokens_per_s", "train/text_weight",
-                "train/grad_norm", "train/grad_cos_ctr_topk", "train/grad_cos_rating_exp"]
+                "train/grad_norm", "train/grad_cos_ctr_topk", "train/grad_cos_rating_exp", "train/data_wait_frac"]
     for t in ("ctr", "topk", "rating", "exp"):
         expected += [f"train/loss_{t}", f"train/grad_norm_{t}", f"train/mixture_{t}"]
     missing = [k for k in expected if k not in scalars]

@@ -1,4 +1,7 @@
-"""Exact resume after SIGKILL, and a dead / hung rank stopping the job (2 CPU ranks, real launcher)."""
+"""Exact resume after SIGKILL, and a dead / hung rank stopping the job (2 CPU ranks, real launcher).
+
+The runs use the gradient-balanced sampler with batches built one step ahead (train.prefetch, the default), so the
+resume has to restore the mixture, the streams' positions before the prefetched draws and the weights they used."""
 
 import os
 import signal
@@ -24,14 +27,15 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     run = root / "run"
     res = run_job([f"log.run_dir={run}", f"data.prepared_dir={root / 'data'}", f"train.max_steps={STEPS}",
-                   "train.ckpt_every=4", "train.ckpt_keep=10", *TINY], timeout=900)
+                   "train.ckpt_every=4", "train.ckpt_keep=10", "train.sampler=grad_balanced", *TINY], timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return root, run
 
 
 def _shared(root, run):
     return [f"data.prepared_dir={root / 'data'}", f"cf.embeddings_path={run / 'cf' / 'embeddings.safetensors'}",
-            f"model.base_model={run / 'base_model'}", f"train.max_steps={STEPS}", "train.ckpt_every=4", *TINY]
+            f"model.base_model={run / 'base_model'}", f"train.max_steps={STEPS}", "train.ckpt_every=4",
+            "train.sampler=grad_balanced", *TINY]
 
 
 @pytest.mark.slow

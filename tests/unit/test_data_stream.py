@@ -57,14 +57,3 @@ def test_missing_task_names_it(prepared):
 
     with pytest.raises(FileNotFoundError, match="topk"):
         TaskStream(prepared, "train", "topk", 0, 1)
-
-
-def test_prefetcher_same_items_in_order_and_errors_surface():
-    from ckf_dist.data.ray_stream import Prefetcher
-
-    it = iter(range(50))
-    p = Prefetcher(lambda: next(it), depth=3)
-    assert [next(p) for _ in range(50)] == list(range(50))
-    with pytest.raises(StopIteration):  # the maker's exception reaches the consumer
-        next(p)
-    p.close()
