@@ -24,12 +24,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 from ckf_dist.cf.folds import (
+    ML100K_ALS_CONFIG,
     ML100K_ITEMS,
+    ML100K_MF_CONFIG,
     ML100K_USERS,
     read_ml100k_fold,
     run_ml100k_fold,
 )
-from ckf_dist.cf.folds import ML100K_ALS_CONFIG, ML100K_MF_CONFIG
 from ckf_dist.config import CFConfig
 
 

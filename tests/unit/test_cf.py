@@ -41,6 +41,45 @@ def test_biased_mf_matches_formula():
     torch.testing.assert_close(m(u, i), expect)
 
 
+@pytest.mark.parametrize("bias_wd", [None, 0.0, 0.7])
+def test_mf_hand_gradient_matches_autograd(bias_wd):
+    """add_mse_grads (the MF training step) == autograd through mse_terms, repeated ids included."""
+    torch.manual_seed(0)
+    m = BiasedMF(5, 6, dim=4, global_mean=3.0, init_std=0.5)
+    torch.nn.init.normal_(m.user_bias.weight)
+    torch.nn.init.normal_(m.item_bias.weight)
+    u, i = torch.tensor([0, 3, 3, 4, 0, 1]), torch.tensor([5, 0, 2, 2, 5, 1])
+    r = torch.tensor([5.0, 1.0, 3.0, 4.0, 2.0, 4.0])
+    pred, l2 = m.mse_terms(u, i)
+    wd, bwd = 0.3, 0.3 if bias_wd is None else bias_wd
+    bias_l2 = m.user_bias.weight[u, 0] ** 2 + m.item_bias.weight[i, 0] ** 2
+    loss = (((pred - r) ** 2).sum() + wd * (l2 - bias_l2).sum() + bwd * bias_l2.sum()) / 10
+    loss.backward()
+    expect = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    got = m.add_mse_grads(u, i, r, wd, 10, bias_wd)
+    torch.testing.assert_close(got, ((pred - r) ** 2).sum().detach() / 10)  # the data term
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, expect[n], msg=n)
+
+
+def test_adam_wrapper_matches_torch_adam():
+    from ckf_dist.cf.train_cf import _Adam
+
+    a, b = (torch.nn.Parameter(torch.arange(6.0).reshape(2, 3)) for _ in range(2))
+    ref = torch.optim.Adam([b], lr=0.1)
+    a.grad = torch.zeros_like(a)
+    ours = _Adam([a], lr=0.1)
+    for k in range(3):
+        ours.zero_grad()
+        a.grad += torch.full_like(a, k - 1.0) * torch.arange(6.0).reshape(2, 3)
+        b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.detach(), b.detach())
+
+
 def test_lightgcn_matches_dense_propagation():
     uid, iid = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 3, 0, 0, 1, 1])  # (2, 1) repeated: counts once
     U, V, K = 3, 4, 3
@@ -181,7 +220,7 @@ def test_ml100k_reader_maps_ids_and_names_bad_lines(tmp_path):
 def test_fit_mf_als_matches_sgd_band(prepared):
     """cf.solver=als reaches the SGD path's validation RMSE band on a low-rank dataset, and beats the global mean."""
     train, valid = _rows(prepared, "train"), _rows(prepared, "valid")
-    base = dict(model="mf", dim=8, epochs=30, patience=0, seed=0)
+    base = {"model": "mf", "dim": 8, "epochs": 30, "patience": 0, "seed": 0}
     sgd = fit(CFConfig(**base, lr=0.02, weight_decay=0.01, batch_size=32), train, valid, 30, 40)
     als = fit(CFConfig(**base, solver="als", weight_decay=0.05), train, valid, 30, 40)
     mean_rmse = float((valid.rating - train.rating.mean()).pow(2).mean().sqrt())
@@ -193,3 +232,5 @@ def test_als_solver_config_checked():
     assert any("solver" in m for m in CFConfig(model="bpr", solver="als").problems("cf"))
     assert any("solver" in m for m in CFConfig(solver="newton").problems("cf"))
     assert not CFConfig(solver="als").problems("cf")
+    assert any("bias_weight_decay" in m for m in CFConfig(bias_weight_decay=-0.1).problems("cf"))
+    assert not CFConfig(bias_weight_decay=0.0).problems("cf")
