@@ -44,8 +44,12 @@ class TaskMixture:
         beta: EMA factor of the gradient and (fast) loss statistics.
         slow_beta: EMA factor of the slow loss average the learning progress is measured against.
         progress: relative loss drop (fast vs slow EMA) at which a task counts as fully still learning.
-        alpha: exponent of GradNorm's inverse training rate in the target.
-        warmup: optimizer steps at the uniform mixture before balancing starts.
+        alpha: exponent of GradNorm's inverse training rate in the target. Default 0: a task's loss ratio says little
+            about how far it is from learnt (CTR's loss drops fastest, to the label entropy, while its AUC is at chance),
+            so the target only equalises the pulls on the shared LoRA; with alpha = 1 the mixture stayed uniform on the
+            synthetic demo (replayed on the logged statistics of uniform runs).
+        warmup: optimizer steps at the uniform mixture before balancing starts (the slow loss EMA needs some history
+            before "plateaued" means anything).
 
     Example:
         >>> m = TaskMixture(["ctr", "topk"], "grad_balanced", warmup=0)
