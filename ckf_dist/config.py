@@ -323,6 +323,13 @@ class TrainConfig:
     documented in ckf_dist/train/sampler.py."""
     sampler_floor: float = 0.05
     """Smallest share any task can get (no task starves)."""
+    sampler_alpha: float = 0.0
+    """grad_balanced: exponent of GradNorm's inverse training rate in the target (0 = equal pulls on the shared LoRA)."""
+    sampler_progress: float = 0.2
+    """grad_balanced: relative drop of the fast vs slow loss average at which a task counts as still learning (a
+    learning task never gives share away)."""
+    sampler_warmup: int = 20
+    """grad_balanced: optimizer steps at the uniform mixture while the statistics are collected."""
     prefetch: bool = True
     """Build the next step's micro-batches in a background thread while this step computes. The next step's task
     draws then use the mixture as it was one update earlier (lag one); resume is exact either way."""
@@ -356,6 +363,12 @@ class TrainConfig:
             out.append(f"{p}.sampler_floor must be within [0, 1), got {self.sampler_floor}")
         if self.sampler_temperature <= 0:
             out.append(f"{p}.sampler_temperature must be > 0, got {self.sampler_temperature}")
+        if self.sampler_alpha < 0:
+            out.append(f"{p}.sampler_alpha must be >= 0, got {self.sampler_alpha}")
+        if self.sampler_progress <= 0:
+            out.append(f"{p}.sampler_progress must be > 0, got {self.sampler_progress}")
+        if self.sampler_warmup < 0:
+            out.append(f"{p}.sampler_warmup must be >= 0, got {self.sampler_warmup}")
         if self.eval_every < 0:
             out.append(f"{p}.eval_every must be >= 0, got {self.eval_every}")
         return out

@@ -71,7 +71,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     collator = Collator(tokenizer, cfg.model.max_length, cfg.data.history_len)
     streams = {t: TaskStream(cfg.data.prepared_dir, "train", t, rank, world, cfg.data.seed) for t in cfg.data.tasks}
     T = cfg.train.curriculum_steps or cfg.train.max_steps
-    mixture = TaskMixture(cfg.data.tasks, cfg.train.sampler, cfg.train.sampler_temperature, cfg.train.sampler_floor)
+    mixture = TaskMixture(cfg.data.tasks, cfg.train.sampler, cfg.train.sampler_temperature, cfg.train.sampler_floor,
+                          progress=cfg.train.sampler_progress, alpha=cfg.train.sampler_alpha,
+                          warmup=cfg.train.sampler_warmup)
     text_weight_at = {"curriculum": lambda step: curriculum_weight(step, T), "cf": lambda step: 0.0,
                       "text": lambda step: 1.0}[cfg.train.prompts]
     batches = StepBatches(streams, collator, cfg.data.tasks, cfg.train.micro_batch_size, cfg.train.grad_accum,

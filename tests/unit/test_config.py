@@ -35,6 +35,16 @@ def test_range_and_contradiction_problems_are_collected():
     assert len(e.value.problems) == 4
 
 
+def test_sampler_knobs_are_checked_together():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.sampler_alpha=-1", "train.sampler_progress=0", "train.sampler_warmup=-3",
+                           "train.sampler_temperature=0"])
+    msg = str(e.value)
+    for field in ("sampler_alpha", "sampler_progress", "sampler_warmup", "sampler_temperature"):
+        assert f"train.{field} must be" in msg
+    assert len(e.value.problems) == 4
+
+
 def test_literal_and_list_types_are_checked():
     with pytest.raises(ConfigError, match=r"model.pooling: expected one of \['mean', 'attention'\], got 'max'"):
         load_config(None, ["model.pooling=max"])
