@@ -126,11 +126,6 @@ class TaskMixture:
             p = p + give.sum() * need / need.sum()
         return self.floor + (1 - T * self.floor) * p
 
-    def draw(self, n: int, generator: torch.Generator) -> list[str]:
-        """n task names drawn from the mixture (same generator state -> same draws on every call)."""
-        idx = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
-        return [self.tasks[i] for i in idx.tolist()]
-
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k).clone() for k in _STATE}
 

@@ -82,11 +82,14 @@ def test_grad_balanced_state_round_trip_continues_identically():
     assert set(a.state_dict()) >= {"weights", "g_ema", "l_ema", "l_slow", "l_init", "seen", "steps"}
 
 
-def test_draw_is_deterministic_by_generator():
-    m = TaskMixture(["ctr", "topk", "rating"], "uniform")
-    a = m.draw(20, torch.Generator().manual_seed(3))
-    b = m.draw(20, torch.Generator().manual_seed(3))
-    assert a == b and set(a) <= {"ctr", "topk", "rating"}
+def test_draws_are_deterministic_and_follow_the_weights():
+    from ckf_dist.train.batches import draw_tasks
+
+    tasks, w = ["ctr", "topk", "rating"], torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64)
+    a = draw_tasks(w, tasks, 200, seed=3, step=7, micro=0, rank=1)
+    assert a == draw_tasks(w, tasks, 200, seed=3, step=7, micro=0, rank=1)
+    assert a != draw_tasks(w, tasks, 200, seed=3, step=7, micro=0, rank=0)  # ranks draw different rows
+    assert "topk" not in a and 70 < a.count("ctr") < 130
 
 
 def test_task_gradient_stats_normalises_by_sample_share():
