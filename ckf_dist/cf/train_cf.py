@@ -108,18 +108,16 @@ class NegativeSampler:
 
 
 def _allreduce_grads(params: list[nn.Parameter], loss: torch.Tensor, world: int) -> float:
-    """Sum every gradient and the loss over ranks with one flat all-reduce; return the global loss."""
+    """Sum every (dense, in-place) gradient and the loss over ranks with one flat all-reduce; return the global
+    loss. The .grad tensors keep their identity (the optimizer holds them)."""
     if world == 1:
         return float(loss.detach())
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
     dist.all_reduce(flat)
     off = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        if p.grad is None:
-            p.grad = g
-        p.grad.copy_(flat[off:off + n].view_as(g))
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[off:off + n].view_as(p.grad))
         off += n
     return float(flat[-1])
 
@@ -197,12 +195,12 @@ def fit(cfg: CFConfig, train: Interactions, valid: Interactions | None, num_user
     device = device or default_device()
     rating_range = (float(train.rating.min()), float(train.rating.max()))
     model = build_model(cfg, train, num_users, num_items).to(device)
-    if cfg.model == "mf" and cfg.solver == "als":
-        return _fit_als(cfg, model, train, valid, rating_range, device, writer)
     params = [p for p in model.parameters()]
     if world > 1:  # same seed gives the same init; broadcasting makes it a guarantee (e.g. different BLAS paths)
         for p in params:
             dist.broadcast(p.data, src=0)
+    if cfg.model == "mf" and cfg.solver == "als":
+        return _fit_als(cfg, model, train, valid, rating_range, device, writer)
     for p in params:  # dense gradients from the first step on (add_mse_grads and backward accumulate into them)
         p.grad = torch.zeros_like(p)
     opt = _Adam(params, cfg.lr)
@@ -324,9 +322,6 @@ def _fit_als(cfg: CFConfig, model: BiasedMF, train: Interactions, valid: Interac
     by_item = torch.sparse_coo_tensor(torch.stack([iid, uid]), ones, (V, U)).coalesce().to_sparse_csr()
     lam = cfg.weight_decay
     with torch.no_grad():
-        if world > 1:
-            for p in model.parameters():
-                dist.broadcast(p.data, src=0)
         # from the SGD path's 0.01 init, heavy ridge shrinks the factors to the all-zero fixed point in one sweep
         model.item.weight.normal_(0.0, 1.0 / math.sqrt(cfg.dim), generator=torch.Generator().manual_seed(cfg.seed))
         mu = model.global_bias
