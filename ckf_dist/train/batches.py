@@ -60,7 +60,7 @@ class StepBatches:
                  prefetch: bool = True) -> None:
         self.streams, self.collator, self.tasks = streams, collator, list(tasks)
         self.micro_batch_size, self.grad_accum, self.seed, self.rank = micro_batch_size, grad_accum, seed, rank
-        self.variants, self.prefetch = variants, prefetch
+        self.variants = variants
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckf-batches") if prefetch else None
         # The step being built ahead: (step, future, stream states before its draws, weights it draws with).
         self._pending: tuple[int, Future, dict[str, Any], torch.Tensor] | None = None

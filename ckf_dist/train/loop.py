@@ -163,7 +163,6 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
             if stopping:
                 say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
-                batches.close()
                 logger.close()
                 return {}
     except Exception as err:
