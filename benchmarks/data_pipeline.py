@@ -63,7 +63,8 @@ def bench_streaming(prepared_dir: str, tasks: list[str], n: int) -> dict:
 
     from ckf_dist.data.preprocess import init_local_ray
     from ckf_dist.data.prompts import load_samples
-    from ckf_dist.data.ray_stream import TaskStream, streaming_split_iterators
+    from ckf_dist.data.ray_stream import streaming_split_iterators
+    from ckf_dist.data.stream import TaskStream
 
     out = {}
     streams, t_open = timed(lambda: [TaskStream(prepared_dir, "train", t, 0, 2, seed=0) for t in tasks])
@@ -104,7 +105,7 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
 
     from ckf_dist.data.collate import Collator
     from ckf_dist.data.prompts import corpus_texts
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
     from ckf_dist.train.batches import StepBatches

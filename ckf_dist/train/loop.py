@@ -35,7 +35,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run the whole pipeline; returns the final metrics (identical on every rank)."""
     import deepspeed
 
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
     from ckf_dist.train.build import build_model, ensure_base_model, hidden_size_of
 
     rank, world = init_distributed(cfg)

@@ -22,7 +22,7 @@ def prepared(tmp_path_factory) -> str:
 def _stream_two_epochs(rank: int, world: int, prepared_dir: str, tasks: list[str]) -> dict:
     import torch.distributed as dist
 
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
 
     out = {}
     for task in tasks:

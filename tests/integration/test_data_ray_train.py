@@ -14,7 +14,8 @@ from ckf_dist.config import DataConfig, SyntheticConfig
 def _worker(config: dict) -> None:
     import ray.train
 
-    from ckf_dist.data.ray_stream import RayShardStream, TaskStream
+    from ckf_dist.data.ray_stream import RayShardStream
+    from ckf_dist.data.stream import TaskStream
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

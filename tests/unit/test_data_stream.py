@@ -19,7 +19,7 @@ def prepared(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("world", [1, 3, 4])
 def test_ranks_cover_split_with_equal_sizes(prepared, world):
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
 
     streams = [TaskStream(prepared, "train", "rating", r, world, seed=1) for r in range(world)]
     n = streams[0].num_samples
@@ -31,7 +31,7 @@ def test_ranks_cover_split_with_equal_sizes(prepared, world):
 
 
 def test_resume_continues_exactly(prepared):
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
 
     a = TaskStream(prepared, "train", "ctr", 1, 2, seed=5)
     for _ in range(a.epoch_size + 3):  # into the second epoch
@@ -45,7 +45,7 @@ def test_resume_continues_exactly(prepared):
 
 
 def test_resume_refuses_other_world(prepared):
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
 
     state = TaskStream(prepared, "train", "ctr", 0, 2, seed=5).state_dict()
     with pytest.raises(ValueError, match="world"):
@@ -53,7 +53,7 @@ def test_resume_refuses_other_world(prepared):
 
 
 def test_missing_task_names_it(prepared):
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
 
     with pytest.raises(FileNotFoundError, match="topk"):
         TaskStream(prepared, "train", "topk", 0, 1)

@@ -26,7 +26,7 @@ def prepared(tmp_path_factory) -> str:
 
 def make(prepared, tiny_tokenizer, prefetch: bool):
     from ckf_dist.data.collate import Collator
-    from ckf_dist.data.ray_stream import TaskStream
+    from ckf_dist.data.stream import TaskStream
     from ckf_dist.train.batches import StepBatches
 
     streams = {t: TaskStream(prepared, "train", t, rank=1, world=2, seed=3) for t in TASKS}
