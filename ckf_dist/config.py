@@ -163,8 +163,6 @@ class CFConfig:
     patience: int = 5
     """Early stopping: epochs without validation improvement before stopping."""
     seed: int = 0
-    workers: int = 1
-    """Data-parallel workers for a Ray Train run (under torchrun/deepspeed the world size is used)."""
     embeddings_path: str | None = None
     """Where the exported CF tables live; default `<run_dir>/cf/embeddings.safetensors`."""
     bias_weight_decay: float | None = None
@@ -183,7 +181,7 @@ class CFConfig:
             out.append(f"{p}.solver='als' needs {p}.model='mf', got {self.model!r}")
         if not 8 <= self.dim <= 256:
             out.append(f"{p}.dim must be within [8, 256], got {self.dim}")
-        for name in ("epochs", "batch_size", "workers"):
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -438,8 +436,8 @@ class RunConfig:
         if self.model.max_length > self.model.tiny.max_position_embeddings and self.model.base_model is None:
             out.append(f"model.max_length ({self.model.max_length}) exceeds model.tiny.max_position_embeddings "
                        f"({self.model.tiny.max_position_embeddings})")
-        if self.cf.model != "mf" and "rating" in self.data.tasks and "cf" in self.eval.baselines:
-            pass  # a BPR model still ranks; its rating baseline is reported as absent, not an error
+        # Not a contradiction: with cf.model != 'mf', the rating task and the 'cf' baseline, a BPR model still
+        # ranks; its rating baseline is reported as absent, not an error.
         return out
 
     @property
