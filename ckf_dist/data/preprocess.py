@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +25,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ckf_dist.config import DataConfig
-from ckf_dist.data.prompts import (
-    clean_review,
-    display_title,
-    render_ctr,
-    render_exp,
-    render_rating,
-    render_topk,
-    to_text_variant,
-)
+from ckf_dist.data.prompts import display_title
 from ckf_dist.data.readers import RawData, read_raw
+from ckf_dist.data.samples import BUILDERS, BuildContext, task_rng, user_targets
 from ckf_dist.data.schema import ITEMS, MANIFEST, SCHEMA_VERSION, SPLITS, USERS, interactions_path
 from ckf_dist.data.shards import dumps_sample, write_task_shards
 from ckf_dist.data.skips import SkipReport
-from ckf_dist.tasks import TASK_ID
 
-SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 SAMPLE_SCHEMA = pa.schema([("split", pa.string()), ("task", pa.string()), ("uid", pa.int32()), ("n", pa.int32()),
                            ("key", pa.string()), ("json", pa.binary())])
-_NOTE_SCHEMA = pa.schema([("reason", pa.string()), ("uid", pa.int32()), ("count", pa.int64())])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,159 +125,46 @@ def assign_ids_and_splits(table: pa.Table, min_per_user: int, skips: SkipReport)
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BuildContext:
-    """Everything the per-user builder needs besides the user's rows (shipped to the Ray workers)."""
-
-    num_items: int
-    titles: list[str]
-    """Display title per iid."""
-    tasks: list[str]
-    seed: int
-    history_len: int
-    like_threshold: float
-    ctr_negatives: int
-    num_candidates: int
-    max_explanation_words: int
-    train_windows_per_user: int
-    cold_threshold: int
-
-
-def _rng(seed: int, uid: int, task: str) -> np.random.Generator:
-    # One generator per (user, task): the output depends neither on Ray's partitioning nor on which other
-    # tasks are enabled.
-    return np.random.default_rng([seed, uid, TASK_ID[task], 7])
-
-
-def _sample_negatives(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray | None:
-    """k distinct items of `pool` (None if it has fewer)."""
-    if len(pool) < k:
-        return None
-    if k == 1:  # the common CTR case; much cheaper than choice(replace=False)
-        return pool[rng.integers(len(pool), size=1)]
-    return pool[rng.choice(len(pool), size=k, replace=False)]
-
-
 def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
     """All prompt samples of the users in `batch` (whole users, sorted by uid then time).
 
     Returns a table of SAMPLE_SCHEMA rows plus notes rows, kinds told apart by `split == ""`: a note row
     counts samples that could not be built (reason in `task`, count in `n`).
     """
-    uids = batch["uid"].to_numpy()
-    iids = batch["iid"].to_numpy()
-    ratings = batch["rating"].to_numpy()
-    stamps = batch["ts"].to_numpy()
-    splits = batch["split"].to_numpy()
-    reviews = batch["review"].to_pylist() if "exp" in ctx.tasks else []
-    out: dict[str, list] = {"split": [], "task": [], "uid": [], "n": [], "key": [], "json": []}
-    notes: dict[tuple[str, int], int] = {}
+    uids, iids, ratings, stamps, splits = (batch[c].to_numpy() for c in ("uid", "iid", "rating", "ts", "split"))
+    reviews = batch["review"].to_pylist() if "exp" in ctx.tasks else None
+    out: dict[str, list] = {name: [] for name in SAMPLE_SCHEMA.names}
+    notes: Counter[tuple[str, int]] = Counter()
     starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]])
-    ends = np.r_[starts[1:], len(uids)]
     unseen = np.ones(ctx.num_items, dtype=bool)
-    titles = ctx.titles
-    H = ctx.history_len
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, np.r_[starts[1:], len(uids)]):
         uid = int(uids[s])
-        u_items, u_rat, u_split = iids[s:e], ratings[s:e], splits[s:e]
-        assert (np.diff(u_split) >= 0).all(), f"user {uid}: rows not in chronological split order"
-        train_idx = np.flatnonzero(u_split == 0)
-        n_train = len(train_idx)
-        is_cold = n_train <= ctx.cold_threshold
-        unseen[u_items] = False
+        is_cold = bool(int((splits[s:e] == 0).sum()) <= ctx.cold_threshold)
+        unseen[iids[s:e]] = False
         pool = np.flatnonzero(unseen)  # items this user never interacted with (any split)
-        unseen[u_items] = True
-        # Targets: training windows, then the held-out items with the training history. A history holds only
-        # training items STRICTLY earlier than the target (same-timestamp items, e.g. Amazon's day-resolution
-        # times, are left out: their order is unknown).
-        train_ts = stamps[s:e][train_idx]
-        targets: list[tuple[str, int, np.ndarray]] = []
-        train_targets = list(range(1, n_train))
-        if ctx.train_windows_per_user > 0:
-            train_targets = train_targets[-ctx.train_windows_per_user:]
-        for j in train_targets:
-            c = int(np.searchsorted(train_ts, train_ts[j], side="left"))
-            targets.append(("train", int(train_idx[j]), train_idx[max(0, c - H):c]))
-        for sp in ("valid", "test"):
-            (where,) = np.flatnonzero(u_split == SPLIT_CODE[sp])
-            c = int(np.searchsorted(train_ts, stamps[s + where], side="left"))
-            targets.append((sp, int(where), train_idx[max(0, c - H):c]))
-        counters: dict[tuple[str, str], int] = {}
-
-        def emit(sp: str, task: str, sample: dict[str, Any], uid: int = uid, is_cold: bool = is_cold,
-                 counters: dict[tuple[str, str], int] = counters) -> None:
-            n = counters.get((sp, task), 0)
-            counters[(sp, task)] = n + 1
-            key = f"{sp}/{task}/{uid}/{n}"
-            sample = {"key": key, "task": task, "split": sp, "uid": uid, **sample, "is_cold": bool(is_cold)}
-            out["split"].append(sp)
-            out["task"].append(task)
-            out["uid"].append(uid)
-            out["n"].append(n)
-            out["key"].append(key)
-            out["json"].append(dumps_sample(sample))  # type: ignore[arg-type]
-
+        unseen[iids[s:e]] = True
+        targets = user_targets(iids[s:e], ratings[s:e], stamps[s:e], splits[s:e],
+                               reviews[s:e] if reviews is not None else None, uid, ctx)
         for task in ctx.tasks:
-            rng = _rng(ctx.seed, uid, task)
-            for sp, t_idx, h_idx in targets:
-                item = int(u_items[t_idx])
-                rating = float(u_rat[t_idx])
-                hist = [int(x) for x in u_items[h_idx]]
-                h_titles = [titles[x] for x in hist]
-                h_rat = [float(x) for x in u_rat[h_idx]]
-                base = {"history": hist, "candidates": [], "candidate_titles": []}
-                if task == "ctr":
-                    like = rating >= ctx.like_threshold
-                    rows = [(item, like)]
-                    negs = _sample_negatives(rng, pool, ctx.ctr_negatives)
-                    if negs is None:
-                        notes[("ctr_not_enough_unseen_items", uid)] = notes.get(("ctr_not_enough_unseen_items",
-                                                                                 uid), 0) + 1
-                        negs = np.empty(0, dtype=np.int64)
-                    rows += [(int(x), False) for x in negs]
-                    for it, lab in rows:
-                        p = render_ctr(uid, h_titles, h_rat, titles[it], ctx.like_threshold)
-                        emit(sp, task, {**base, "slot_items": hist + [it], "prompt_cf": p,
-                                        "prompt_text": to_text_variant(p), "answer": "Yes" if lab else "No",
-                                        "label": 1.0 if lab else 0.0, "item": it})
-                elif task == "rating":
-                    p = render_rating(uid, h_titles, h_rat, titles[item])
-                    emit(sp, task, {**base, "slot_items": hist + [item], "prompt_cf": p,
-                                    "prompt_text": to_text_variant(p),
-                                    "answer": str(int(np.clip(np.rint(rating), 1, 5))), "label": rating,
-                                    "item": item})
-                elif task == "topk":
-                    negs = _sample_negatives(rng, pool, ctx.num_candidates - 1)
-                    if negs is None:
-                        k = ("topk_not_enough_unseen_items", uid)
-                        notes[k] = notes.get(k, 0) + 1
-                        continue
-                    pos = int(rng.integers(ctx.num_candidates))
-                    cands = [int(x) for x in negs]
-                    cands.insert(pos, item)
-                    c_titles = [titles[x] for x in cands]
-                    p = render_topk(uid, h_titles, c_titles)
-                    emit(sp, task, {**base, "candidates": cands, "candidate_titles": c_titles,
-                                    "slot_items": hist + cands, "prompt_cf": p, "prompt_text": to_text_variant(p),
-                                    "answer": c_titles[pos], "label": float(pos), "item": item})
-                elif task == "exp":
-                    text = clean_review(reviews[s + t_idx], ctx.max_explanation_words)
-                    if not text:
-                        k = ("exp_no_review_text", uid)
-                        notes[k] = notes.get(k, 0) + 1
-                        continue
-                    p = render_exp(uid, h_titles, titles[item])
-                    emit(sp, task, {**base, "slot_items": hist + [item], "prompt_cf": p,
-                                    "prompt_text": to_text_variant(p), "answer": text, "label": rating,
-                                    "item": item})
+            # The generator is drawn from in target order; counts[split] numbers the user's samples (the key's n).
+            rng, counts = task_rng(ctx.seed, uid, task), dict.fromkeys(SPLITS, 0)
+            for t in targets:
+                built = BUILDERS[task](t, pool, rng, ctx)
+                if built.note:
+                    notes[(built.note, uid)] += 1
+                for fields in built.samples:
+                    n, counts[t.split] = counts[t.split], counts[t.split] + 1
+                    key = f"{t.split}/{task}/{uid}/{n}"
+                    sample = {"key": key, "task": task, "split": t.split, "uid": uid, **fields, "is_cold": is_cold}
+                    _append_row(out, t.split, task, uid, n, key, dumps_sample(sample))  # type: ignore[arg-type]
     for (reason, uid), c in sorted(notes.items()):
-        out["split"].append("")
-        out["task"].append(reason)
-        out["uid"].append(uid)
-        out["n"].append(c)
-        out["key"].append("")
-        out["json"].append(b"")
+        _append_row(out, "", reason, uid, c, "", b"")
     return pa.table(out, schema=SAMPLE_SCHEMA)
+
+
+def _append_row(out: dict[str, list], *row: Any) -> None:
+    for name, value in zip(SAMPLE_SCHEMA.names, row, strict=True):
+        out[name].append(value)
 
 
 def _user_blocks(table: pa.Table, num_blocks: int) -> list[pa.Table]:
