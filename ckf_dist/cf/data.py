@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ckf_dist.data.schema import ITEMS, MANIFEST, USERS, interactions_path
+from ckf_dist.data.schema import ITEMS, USERS, interactions_path
 
 
 @dataclass
@@ -118,12 +118,4 @@ def read_split(prepared_dir: str | Path, split: str, ids: IdSpace, allow_empty: 
                          f"(check the data source and data.k_core)")
     check_ids(rows, ids.num_users, ids.num_items)
     return rows
-
-
-def manifest_sha256(prepared_dir: str | Path) -> str:
-    """sha256 of manifest.json's bytes (the same definition as ckf_dist.data.preprocess.manifest_sha256)."""
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}; run prepare_data first")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.adam import adam
 
-from ckf_dist.cf.data import Interactions, check_ids, manifest_sha256, read_id_space, read_split
+from ckf_dist.cf.data import Interactions, check_ids, read_id_space, read_split
 from ckf_dist.cf.evaluate import ranking_metrics, rating_metrics, user_groups
 from ckf_dist.cf.lightgcn import LightGCN, normalized_adjacency
 from ckf_dist.cf.mf import BPRMF, BiasedMF
 from ckf_dist.config import CFConfig, RunConfig
+from ckf_dist.data.schema import manifest_sha256
 
 
 class NonFiniteLossError(ValueError):

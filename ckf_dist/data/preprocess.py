@@ -268,18 +268,6 @@ def _input_fingerprint(cfg: DataConfig) -> dict[str, str]:
     return out
 
 
-def manifest_sha256(prepared_dir: str | Path) -> str:
-    """sha256 of manifest.json's bytes: identifies one prepared dataset (CF exports record it).
-
-    Raises:
-        FileNotFoundError: no manifest (the data is not prepared).
-    """
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}; run prepare_data first")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _complete(prepared_dir: Path, manifest: dict[str, Any]) -> bool:
     return all((prepared_dir / rel).is_file() and (prepared_dir / rel).stat().st_size == meta["bytes"]
                for rel, meta in manifest.get("files", {}).items())

@@ -16,6 +16,7 @@ produce nothing more than this layout.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TypedDict
 
@@ -33,6 +34,18 @@ def interactions_path(prepared_dir: str | Path, split: str) -> Path:
 
 def prompts_dir(prepared_dir: str | Path, split: str) -> Path:
     return Path(prepared_dir) / "prompts" / split
+
+
+def manifest_sha256(prepared_dir: str | Path) -> str:
+    """sha256 of manifest.json's bytes: identifies one prepared dataset (CF exports record it).
+
+    Raises:
+        FileNotFoundError: no manifest (the data is not prepared).
+    """
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}; run prepare_data first")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class PromptSample(TypedDict):

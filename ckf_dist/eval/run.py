@@ -56,7 +56,7 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
     paths = check_run_dir(cfg)  # before the heavy imports: a wrong path fails in a second, naming the fix
 
     from ckf_dist.cf.export import load_cf_embeddings
-    from ckf_dist.data.preprocess import manifest_sha256
+    from ckf_dist.data.schema import manifest_sha256
     from ckf_dist.eval.report import format_table, write_report
     from ckf_dist.model.export import load_ckf_model
     from ckf_dist.model.llm import load_tokenizer

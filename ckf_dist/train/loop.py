@@ -235,7 +235,7 @@ def ensure_cf_embeddings(cfg: RunConfig, rank: int):
     """Load the CF tables for this data, training them first (on all ranks) when absent or stale."""
     from ckf_dist.cf.export import load_cf_embeddings
     from ckf_dist.cf.train_cf import train_cf
-    from ckf_dist.data.preprocess import manifest_sha256
+    from ckf_dist.data.schema import manifest_sha256
 
     sha = manifest_sha256(cfg.data.prepared_dir)
     path = cfg.cf_embeddings_path

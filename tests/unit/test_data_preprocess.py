@@ -22,7 +22,8 @@ def _files(m: dict) -> dict[str, str]:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    from ckf_dist.data.preprocess import manifest_sha256, prepare_data
+    from ckf_dist.data.preprocess import prepare_data
+    from ckf_dist.data.schema import manifest_sha256
 
     a = prepare_data(cfg_for(tmp_path / "a"), engine="local")
     b = prepare_data(cfg_for(tmp_path / "b"), engine="local")

@@ -15,8 +15,9 @@ from ckf_dist.config import load_config
 @pytest.mark.slow
 def test_evaluate_run_matches_in_memory_model(tmp_path: Path) -> None:
     from ckf_dist.cf.export import save_cf_embeddings
-    from ckf_dist.data.preprocess import manifest_sha256, prepare_data
+    from ckf_dist.data.preprocess import prepare_data
     from ckf_dist.data.prompts import corpus_texts, load_samples
+    from ckf_dist.data.schema import manifest_sha256
     from ckf_dist.eval.evaluate import evaluate_model
     from ckf_dist.eval.run import evaluate_run
     from ckf_dist.model.ckf import build_ckf_model
