@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -27,6 +28,20 @@ class ConfigError(ValueError):
         self.problems = problems
         head = f"invalid configuration{f' ({source})' if source else ''}: {len(problems)} problem(s)"
         super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# rule -> "the value breaks it". Written as tests for the bad side, like the checks they replaced: NaN breaks only
+# the "within" rule.
+_BREAKS: dict[str, Callable[[Any], bool]] = {
+    "> 0": lambda v: v <= 0,
+    ">= 0": lambda v: v < 0,
+    "within [0, 1)": lambda v: not 0 <= v < 1,
+}
+
+
+def _out_of_range(p: str, section: Any, rule: str, *names: str) -> list[str]:
+    """`{p}.{name} must be {rule}, got {value}` for each named field of `section` that breaks `rule` (a _BREAKS key)."""
+    return [f"{p}.{n} must be {rule}, got {getattr(section, n)}" for n in names if _BREAKS[rule](getattr(section, n))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,10 +65,7 @@ class SyntheticConfig:
     """Std of the Gaussian noise added to the latent affinity before it is cut into ratings 1-5."""
 
     def problems(self, p: str) -> list[str]:
-        out = []
-        for name in ("num_users", "num_items", "latent_dim", "min_interactions"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        out = _out_of_range(p, self, "> 0", "num_users", "num_items", "latent_dim", "min_interactions")
         if self.max_interactions < self.min_interactions:
             out.append(f"{p}.max_interactions ({self.max_interactions}) must be >= min_interactions "
                        f"({self.min_interactions})")
@@ -61,9 +73,7 @@ class SyntheticConfig:
             out.append(f"{p}.min_interactions must be >= 3 (leave-last-out needs train, valid and test)")
         if self.max_interactions > self.num_items:
             out.append(f"{p}.max_interactions ({self.max_interactions}) cannot exceed num_items ({self.num_items})")
-        if self.noise < 0:
-            out.append(f"{p}.noise must be >= 0, got {self.noise}")
-        return out
+        return out + _out_of_range(p, self, ">= 0", "noise")
 
 
 @dataclass
@@ -128,19 +138,14 @@ class DataConfig:
             out.append(f"{p}.tasks has unknown task(s) {bad}; allowed: {list(TASKS)}")
         if not self.tasks:
             out.append(f"{p}.tasks must name at least one task")
-        if self.source == "ml-100k" or self.source == "ml-1m":
-            if "exp" in self.tasks:
-                out.append(f"{p}.tasks contains 'exp' but {p}.source={self.source!r} has no review text; "
-                           f"drop 'exp' or use source 'amazon'/'synthetic'")
-        for name in ("history_len", "num_candidates", "max_explanation_words", "shard_size", "ray_num_cpus",
-                     "ray_object_store_mb"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        if self.source in ("ml-100k", "ml-1m") and "exp" in self.tasks:
+            out.append(f"{p}.tasks contains 'exp' but {p}.source={self.source!r} has no review text; "
+                       f"drop 'exp' or use source 'amazon'/'synthetic'")
+        out += _out_of_range(p, self, "> 0", "history_len", "num_candidates", "max_explanation_words", "shard_size",
+                             "ray_num_cpus", "ray_object_store_mb")
         if self.num_candidates < 2:
             out.append(f"{p}.num_candidates must be >= 2 (target + at least one negative)")
-        for name in ("ctr_negatives", "cold_threshold", "k_core", "train_windows_per_user"):
-            if getattr(self, name) < 0:
-                out.append(f"{p}.{name} must be >= 0, got {getattr(self, name)}")
+        out += _out_of_range(p, self, ">= 0", "ctr_negatives", "cold_threshold", "k_core", "train_windows_per_user")
         if not 1.0 <= self.like_threshold <= 5.0:
             out.append(f"{p}.like_threshold must be within the rating scale [1, 5], got {self.like_threshold}")
         return out
@@ -181,20 +186,13 @@ class CFConfig:
             out.append(f"{p}.solver='als' needs {p}.model='mf', got {self.model!r}")
         if not 8 <= self.dim <= 256:
             out.append(f"{p}.dim must be within [8, 256], got {self.dim}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            out.append(f"{p}.lr must be > 0, got {self.lr}")
+        out += _out_of_range(p, self, "> 0", "epochs", "batch_size", "lr")
         if self.bias_weight_decay is not None and self.bias_weight_decay < 0:
             out.append(f"{p}.bias_weight_decay must be >= 0 or null, got {self.bias_weight_decay}")
-        if self.weight_decay < 0:
-            out.append(f"{p}.weight_decay must be >= 0, got {self.weight_decay}")
+        out += _out_of_range(p, self, ">= 0", "weight_decay")
         if self.model == "lightgcn" and self.num_layers <= 0:
             out.append(f"{p}.num_layers must be > 0 for lightgcn, got {self.num_layers}")
-        if self.patience < 0:
-            out.append(f"{p}.patience must be >= 0, got {self.patience}")
-        return out
+        return out + _out_of_range(p, self, ">= 0", "patience")
 
 
 @dataclass
@@ -222,9 +220,7 @@ class TinyLLMConfig:
             out.append(f"{p}.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.num_kv_heads <= 0 or self.num_heads % max(self.num_kv_heads, 1):
             out.append(f"{p}.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        for name in ("intermediate_size", "num_layers", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        out += _out_of_range(p, self, "> 0", "intermediate_size", "num_layers", "vocab_size", "max_position_embeddings")
         if self.initializer_range is not None and not 0 < self.initializer_range <= 1:
             out.append(f"{p}.initializer_range must be within (0, 1] or null, got {self.initializer_range}")
         if self.vocab_size < 300:
@@ -250,8 +246,7 @@ class ModelConfig:
 
     def problems(self, p: str) -> list[str]:
         out = self.tiny.problems(f"{p}.tiny") if self.base_model is None else []
-        if self.meta_hidden <= 0:
-            out.append(f"{p}.meta_hidden must be > 0, got {self.meta_hidden}")
+        out += _out_of_range(p, self, "> 0", "meta_hidden")
         if self.max_length < 32:
             out.append(f"{p}.max_length must be >= 32, got {self.max_length}")
         return out
@@ -275,16 +270,8 @@ class MultiLoRAConfig:
     """Learn a per-task scalar gate mixing the shared and task parts."""
 
     def problems(self, p: str) -> list[str]:
-        out = []
-        for name in ("rank", "task_rank"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "task_alpha"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("dropout", "task_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                out.append(f"{p}.{name} must be within [0, 1), got {getattr(self, name)}")
+        out = _out_of_range(p, self, "> 0", "rank", "task_rank", "alpha", "task_alpha")
+        out += _out_of_range(p, self, "within [0, 1)", "dropout", "task_dropout")
         if not self.shared_targets and not self.task_targets:
             out.append(f"{p}: shared_targets and task_targets are both empty; nothing would be trained")
         if both := set(self.shared_targets) & set(self.task_targets):
@@ -342,34 +329,20 @@ class TrainConfig:
     """A rank that waits longer than this on a collective fails the job, naming the rank."""
 
     def problems(self, p: str) -> list[str]:
-        out = []
-        if self.lr <= 0:
-            out.append(f"{p}.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            out.append(f"{p}.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            out.append(f"{p}.warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "ckpt_keep",
-                     "collective_timeout_s"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        out = _out_of_range(p, self, "> 0", "lr")
+        out += _out_of_range(p, self, ">= 0", "weight_decay")
+        out += _out_of_range(p, self, "within [0, 1)", "warmup_ratio")
+        out += _out_of_range(p, self, "> 0", "max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "ckpt_keep",
+                             "collective_timeout_s")
         if self.grad_clip < 0:
             out.append(f"{p}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.curriculum_steps is not None and self.curriculum_steps <= 0:
             out.append(f"{p}.curriculum_steps must be > 0 or null, got {self.curriculum_steps}")
-        if not 0.0 <= self.sampler_floor < 1.0:
-            out.append(f"{p}.sampler_floor must be within [0, 1), got {self.sampler_floor}")
-        if self.sampler_temperature <= 0:
-            out.append(f"{p}.sampler_temperature must be > 0, got {self.sampler_temperature}")
-        if self.sampler_alpha < 0:
-            out.append(f"{p}.sampler_alpha must be >= 0, got {self.sampler_alpha}")
-        if self.sampler_progress <= 0:
-            out.append(f"{p}.sampler_progress must be > 0, got {self.sampler_progress}")
-        if self.sampler_warmup < 0:
-            out.append(f"{p}.sampler_warmup must be >= 0, got {self.sampler_warmup}")
-        if self.eval_every < 0:
-            out.append(f"{p}.eval_every must be >= 0, got {self.eval_every}")
-        return out
+        out += _out_of_range(p, self, "within [0, 1)", "sampler_floor")
+        out += _out_of_range(p, self, "> 0", "sampler_temperature")
+        out += _out_of_range(p, self, ">= 0", "sampler_alpha")
+        out += _out_of_range(p, self, "> 0", "sampler_progress")
+        return out + _out_of_range(p, self, ">= 0", "sampler_warmup", "eval_every")
 
 
 @dataclass
@@ -388,12 +361,8 @@ class EvalConfig:
     """Extra models evaluated on the same samples: 'cf' (the CF model alone), 'text' (LLM, text-only prompts)."""
 
     def problems(self, p: str) -> list[str]:
-        out = []
-        if self.max_samples_per_task < 0:
-            out.append(f"{p}.max_samples_per_task must be >= 0, got {self.max_samples_per_task}")
-        for name in ("batch_size", "max_new_tokens", "num_beams"):
-            if getattr(self, name) <= 0:
-                out.append(f"{p}.{name} must be > 0, got {getattr(self, name)}")
+        out = _out_of_range(p, self, ">= 0", "max_samples_per_task")
+        out += _out_of_range(p, self, "> 0", "batch_size", "max_new_tokens", "num_beams")
         if not self.ks or any(k <= 0 for k in self.ks):
             out.append(f"{p}.ks must be a non-empty list of positive integers, got {self.ks}")
         if bad := [b for b in self.baselines if b not in ("cf", "text")]:
@@ -411,7 +380,7 @@ class LogConfig:
     """Progress bar with ETA on rank 0."""
 
     def problems(self, p: str) -> list[str]:
-        return [f"{p}.every must be > 0, got {self.every}"] if self.every <= 0 else []
+        return _out_of_range(p, self, "> 0", "every")
 
 
 @dataclass
