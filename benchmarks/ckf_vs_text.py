@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ckf_dist.config import load_config  # noqa: E402
-from tests.integration.run_utils import env, launcher_cmd  # noqa: E402
+from ckf_dist.config import load_config
+from ckf_dist.testing.jobs import env, launcher_cmd
 
 
 def run(name: str, config: str, run_dir: Path, nproc: int, overrides: list[str]) -> dict:

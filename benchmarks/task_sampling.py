@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.run_utils import env, launcher_cmd
+from ckf_dist.testing.jobs import env, launcher_cmd
 
 # One headline metric per task and whether higher is better.
 HEADLINE = {"ctr": ("auc_ctr", True), "topk": ("ndcg@10_topk", True), "rating": ("rmse_rating", False),

@@ -9,7 +9,7 @@ from ckf_dist.cf.data import read_id_space, read_split
 from ckf_dist.cf.synthetic import write_lowrank_prepared
 from ckf_dist.cf.train_cf import fit
 from ckf_dist.config import CFConfig
-from tests.helpers import run_ranks
+from ckf_dist.testing.ranks import run_ranks
 
 
 def _als_tables(prep: str) -> dict[str, list]:

@@ -9,7 +9,7 @@ from ckf_dist.cf.data import read_id_space, read_split
 from ckf_dist.cf.synthetic import write_lowrank_prepared
 from ckf_dist.cf.train_cf import fit
 from ckf_dist.config import CFConfig
-from tests.helpers import run_ranks
+from ckf_dist.testing.ranks import run_ranks
 
 # Float sums are split into two partial sums per step instead of one: differences of a few ulps, which Adam's
 # normalisation can amplify a little over the steps; 1e-5 is orders of magnitude below any real divergence

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.test_eval_distributed import eval_cfg, make_samples
-from tests.helpers import run_ranks
+from ckf_dist.testing.eval_samples import eval_cfg, make_samples
+from ckf_dist.testing.ranks import run_ranks
 
 
 def _samples() -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import run_ranks
+from ckf_dist.testing.ranks import run_ranks
 
 
 def _sum_ranks(rank, world):

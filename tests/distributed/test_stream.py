@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ckf_dist.config import DataConfig, SyntheticConfig
-from tests.helpers import run_ranks
+from ckf_dist.testing.ranks import run_ranks
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.run_utils import TINY, kill_group, last_train_loss, run_job, start_job, wait_for
+from ckf_dist.testing.jobs import TINY, kill_group, last_train_loss, run_job, start_job, wait_for
 
 STEPS = 24
 

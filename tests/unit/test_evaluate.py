@@ -10,11 +10,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from ckf_dist.data.collate import Collator, answer_token_ids
-from ckf_dist.eval.evaluate import (answer_loglik, decode_new_tokens, evaluate_cf_baseline, evaluate_model,
-                                    logits_at_answer, parse_rating)
+from ckf_dist.eval.evaluate import (
+    answer_loglik,
+    decode_new_tokens,
+    evaluate_cf_baseline,
+    evaluate_model,
+    logits_at_answer,
+    parse_rating,
+)
 from ckf_dist.eval.metrics import ndcg_at_k, rank_of_target
 from ckf_dist.tasks import CTR_ANSWERS, RATING_ANSWERS
-from tests.distributed.test_eval_distributed import FakeCKF, eval_cfg, make_samples
+from ckf_dist.testing.eval_samples import FakeCKF, eval_cfg, make_samples
 
 
 def _one_row(tok, sample, answer: str | None = None):

@@ -11,7 +11,7 @@ import torch
 from ckf_dist.config import ModelConfig, MultiLoRAConfig
 from ckf_dist.model.export import export_task_adapters, load_ckf_model
 from ckf_dist.tasks import TASK_ID
-from tests.unit.test_model_ckf import cf_tables, collate, make_model, mixed_samples
+from ckf_dist.testing.model_samples import cf_tables, collate, make_model, mixed_samples
 
 
 def _export(model, tiny_llm_dir, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ckf_dist.model.meta_net import MetaNet
-from tests.unit.test_model_ckf import NUM_ITEMS, NUM_USERS, collate, make_model, make_sample, mixed_samples
+from ckf_dist.testing.model_samples import NUM_ITEMS, NUM_USERS, collate, make_model, make_sample, mixed_samples
 
 
 def _reference_fused(model, batch) -> torch.Tensor:

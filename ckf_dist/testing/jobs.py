@@ -1,4 +1,4 @@
-"""Run the real `deepspeed` launcher on the main job from tests, with a hard timeout."""
+"""Run the real `deepspeed` launcher on the main job (tests and benchmarks), with a hard timeout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from ckf_dist.train.deepspeed_utils import free_port
+
+ROOT = Path(__file__).resolve().parents[2]  # the source tree (launchers/ lives there)
 
 TINY = [
     "data.synthetic.num_users=40", "data.synthetic.num_items=30", "data.synthetic.max_interactions=12",
@@ -26,16 +28,8 @@ TINY = [
 
 def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
     ds = Path(sys.executable).with_name("deepspeed")
-    return [str(ds), "--num_gpus", str(nproc), "--master_port", str(_port()), str(ROOT / "launchers" / "train.py"),
+    return [str(ds), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(ROOT / "launchers" / "train.py"),
             *overrides]
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:
@@ -45,14 +39,18 @@ def env() -> dict[str, str]:
 
 
 def run_job(overrides: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    # check=False: the callers read the exit code and the output themselves.
     return subprocess.run(launcher_cmd(nproc, overrides), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def start_job(overrides: list[str], nproc: int = 2, log: Path | None = None) -> subprocess.Popen:
-    out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(launcher_cmd(nproc, overrides), cwd=ROOT, env=env(), stdout=out,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if log is None:
+        return subprocess.Popen(launcher_cmd(nproc, overrides), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(launcher_cmd(nproc, overrides), cwd=ROOT, env=env(), stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -1,19 +1,14 @@
-"""Test helpers: run a function on N gloo ranks with a hard timeout, so a hang fails fast."""
+"""Run a function on N gloo ranks with a hard timeout, so a hang fails fast (tests and benchmarks)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ckf_dist.train.deepspeed_utils import free_port
 
 
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:
