@@ -32,6 +32,7 @@ from ckf_dist.data.collate import Collator
 from ckf_dist.model.ckf import build_ckf_model
 from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
 from ckf_dist.tasks import ITEM_SLOT, TASKS, USER_SLOT
+from ckf_dist.train.task_grads import TaskGradTracker
 
 WORDS = ["blue", "river", "red", "stone", "green", "hill", "night", "city", "dark", "light", "song", "story", "great",
          "sound", "solid", "build", "worth", "price", "movie", "book"]
@@ -141,11 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
             ckf(batch).loss.backward()
             ckf_opt.step()
 
+        tracker = TaskGradTracker(ckf)  # the hooks stay attached; `enabled` decides whether they record
+        tracker.enabled = False
+
         def step_ckf_tracked() -> None:
-            ckf.enable_task_grad_tracking(True)
-            ckf.reset_task_grads()
+            tracker.enabled = True
+            tracker.reset()
             step_ckf()
-            ckf.enable_task_grad_tracking(False)
+            tracker.enabled = False
 
         variants = {"plain_peft_lora": step_plain, "multi_lora_fusion": step_ckf,
                     "multi_lora_fusion_task_grads": step_ckf_tracked}

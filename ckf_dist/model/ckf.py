@@ -109,9 +109,6 @@ class CKFModel(nn.Module):
         self.register_buffer("task_index", index, persistent=False)
         self.lora_layers: dict[str, MultiLoRALinear] = {
             n: m for n, m in llm.named_modules() if isinstance(m, MultiLoRALinear)}
-        for layer in self.lora_layers.values():
-            if layer.shared is not None:
-                layer.track_offset = router.tracker.reserve(layer.shared.num_params())
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -119,25 +116,18 @@ class CKFModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def shared_lora_parameters(self) -> list[nn.Parameter]:
-        """The shared-LoRA parameters in TaskGradTracker layout order (per layer: A, then B)."""
+        """The shared-LoRA parameters, per shared layer in module order: A, then B (train/task_grads.py's layout)."""
         out = []
         for layer in self.lora_layers.values():
             if layer.shared is not None:
                 out += [layer.shared.lora_A, layer.shared.lora_B]
         return out
 
-    def enable_task_grad_tracking(self, on: bool = True) -> None:
-        """Split the shared-LoRA gradient by task during backward (see TaskGradTracker); costs T small matmuls
-        per shared layer in backward and keeps the shared layers' inputs alive until backward."""
-        self.router.tracker.enabled = on
-
-    def task_grads(self) -> torch.Tensor:
-        """(T, P_shared) per-task shared-LoRA gradients accumulated since the last reset (this rank's backward
-        passes, scaled as the backward was, e.g. by 1/grad_accum under DeepSpeed; not averaged over ranks)."""
-        return self.router.tracker.get()
-
-    def reset_task_grads(self) -> None:
-        self.router.tracker.reset()
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing in the LLM (non-reentrant), with each recomputation run under the task routing
+        of the forward it repeats (the layers need it, and it has ended by the time backward runs)."""
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": self.router.checkpoint_contexts})
 
     # ------------------------------------------------------------------ forward paths
     def local_task_ids(self, task_ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,6 @@ __all__ = [
     "LoRAAdapter",
     "MultiLoRAConfig",
     "MultiLoRALinear",
-    "TaskGradTracker",
     "TaskRouter",
     "inject_multi_lora",
     "multi_lora_layers",
@@ -71,71 +70,13 @@ class LoRAAdapter(nn.Module):
         return self.rank * (self.in_features + self.out_features)
 
 
-class TaskGradTracker:
-    """Accumulates the shared-LoRA parameter gradient split by the task of each row, (T, P_shared).
-
-    The layers register tensor hooks on their shared adapter's activations: with h = x_d A^T and z = h B^T,
-    dB = sum_rows dz^T h and dA = sum_rows dh^T x_d, so summing over the rows of task t gives task t's share of the
-    gradient in the same backward pass. The per-task pieces sum to the real `.grad` of the shared parameters (before
-    any data-parallel averaging). Layout along P: for each shared layer in module order, A (r x in) then B (out x r),
-    row-major, i.e. the order of `CKFModel.shared_lora_parameters()`.
-    """
-
-    def __init__(self, num_tasks: int) -> None:
-        self.num_tasks = num_tasks
-        self.enabled = False
-        self.size = 0
-        self.buffer: torch.Tensor | None = None
-
-    def reserve(self, n: int) -> int:
-        """Reserve n entries along P; returns their offset."""
-        off = self.size
-        self.size += n
-        return off
-
-    def reset(self) -> None:
-        if self.buffer is not None:
-            self.buffer.zero_()
-
-    def get(self) -> torch.Tensor:
-        if self.buffer is None:
-            return torch.zeros(self.num_tasks, self.size)
-        return self.buffer
-
-    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        if self.buffer is None or self.buffer.device != like.device:
-            self.buffer = torch.zeros(self.num_tasks, self.size, dtype=torch.float32, device=like.device)
-        return self.buffer
-
-    def _split_by_task(self, t: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """(B, ..., k) -> (N, T k): each row's values moved into its task's block of k columns, zeros elsewhere."""
-        one_hot = torch.nn.functional.one_hot(task_ids, self.num_tasks).to(torch.float32)  # (B, T)
-        k = t.shape[-1]
-        t = t.reshape(t.shape[0], -1, 1, k).float() * one_hot[:, None, :, None]  # (B, L, T, k)
-        return t.reshape(-1, self.num_tasks * k)
-
-    def add_rank_out(self, offset: int, task_ids: torch.Tensor, grad_out: torch.Tensor, h: torch.Tensor) -> None:
-        """B-gradient per task: buffer[t, B slot] += dz_t^T h_t, all tasks in one matmul, (out, r) per task."""
-        buf = self._buffer(grad_out)
-        o, k = grad_out.shape[-1], h.shape[-1]
-        g = grad_out.reshape(-1, o).float().T @ self._split_by_task(h, task_ids)  # (out, T r)
-        buf[:, offset:offset + o * k] += g.view(o, self.num_tasks, k).transpose(0, 1).reshape(self.num_tasks, -1)
-
-    def add_rank_in(self, offset: int, task_ids: torch.Tensor, grad_h: torch.Tensor, x: torch.Tensor) -> None:
-        """A-gradient per task: buffer[t, A slot] += dh_t^T x_t, all tasks in one matmul, (r, in) per task."""
-        buf = self._buffer(grad_h)
-        k, i = grad_h.shape[-1], x.shape[-1]
-        g = self._split_by_task(grad_h, task_ids).T @ x.reshape(-1, i).float()  # (T r, in)
-        buf[:, offset:offset + k * i] += g.view(self.num_tasks, k * i)
-
-
 class TaskRouter:
     """The per-forward routing state shared by all MultiLoRALinear layers of one model.
 
     CKFModel sets it around each LLM call with `route(...)`; a layer called outside `route` raises, so a forgotten
-    routing can never silently use the wrong adapter. One exception: activation checkpointing re-runs the layers
-    during backward, after `route` has exited; a layer called inside a backward pass (torch's autograd engine running)
-    uses the routing of the last `route` block, i.e. of the forward being recomputed.
+    routing can never silently use the wrong adapter. Activation checkpointing re-runs the layers during backward,
+    after `route` has exited: `checkpoint_contexts` (torch.utils.checkpoint's `context_fn`) captures the routing of
+    each checkpointed forward and re-enters it for the recomputation (CKFModel.enable_gradient_checkpointing).
 
     Attributes:
         task_ids: (B,) local task index of each row (0..T-1).
@@ -148,16 +89,20 @@ class TaskRouter:
         self.task_ids: torch.Tensor | None = None
         self.shared_weight: torch.Tensor | None = None
         self.task_weight: torch.Tensor | None = None
-        self.last: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None  # for checkpoint recompute
-        self.tracker = TaskGradTracker(len(self.tasks))
 
     def active(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-        """(task_ids, shared_weight, task_weight) of the current block; in a backward pass, of the last block."""
-        if self.task_ids is not None:
-            return self.task_ids, self.shared_weight, self.task_weight
-        if self.last is not None and torch._C._current_graph_task_id() != -1:  # recompute inside backward
-            return self.last
-        return None
+        """(task_ids, shared_weight, task_weight) of the current `route` block, or None outside one."""
+        if self.task_ids is None:
+            return None
+        return self.task_ids, self.shared_weight, self.task_weight
+
+    def checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """`context_fn` for torch.utils.checkpoint (non-reentrant): nothing extra for the forward, and the routing
+        active at that forward re-entered for its recomputation during backward."""
+        routing = self.active()
+        if routing is None:  # the layer itself raises the clear error
+            return nullcontext(), nullcontext()
+        return nullcontext(), self.route(*routing)
 
     @contextmanager
     def route(self, task_ids: torch.Tensor, shared_weight: torch.Tensor | None = None,
@@ -185,7 +130,6 @@ class TaskRouter:
         try:
             yield
         finally:
-            self.last = (task_ids, shared_weight, task_weight)
             self.task_ids, self.shared_weight, self.task_weight = prev
 
 
@@ -238,7 +182,6 @@ class MultiLoRALinear(nn.Module):
                                          for t in self.tasks})
         self.task_scaling = task_alpha / task_rank if self.tasks else 0.0
         self.task_dropout = nn.Dropout(task_dropout) if task_dropout > 0 else nn.Identity()
-        self.track_offset: int | None = None  # set by CKFModel for the per-task gradient tracker
         # DeepSpeed ZeRO-3 "leaf module" flag (read by deepspeed.utils.z3_leaf_module; set here so model/ does not
         # import deepspeed): the base weight and ALL adapters of this layer are gathered in one fetch when the layer
         # runs and their gradients reduced after its backward, which the single concatenated task matmul needs.
@@ -248,7 +191,8 @@ class MultiLoRALinear(nn.Module):
         routing = self.router.active()
         if routing is None:
             raise ValueError("MultiLoRALinear called without task routing; call the model through CKFModel (or "
-                             "inside `router.route(task_ids)`) so every row knows its task")
+                             "inside `router.route(task_ids)`) so every row knows its task; with activation "
+                             "checkpointing, turn it on with CKFModel.enable_gradient_checkpointing()")
         if routing[0].shape[0] != x.shape[0]:
             raise ValueError(f"task_ids has {routing[0].shape[0]} rows, batch has {x.shape[0]}")
         return routing
@@ -258,10 +202,7 @@ class MultiLoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.shared is not None:
             x_d = self.shared_dropout(x)
-            h, z = self.shared(x_d)  # (B, ..., r), (B, ..., out)
-            if (self.router.tracker.enabled and self.track_offset is not None and torch.is_grad_enabled()
-                    and z.requires_grad):
-                self._track(x_d.detach(), h, z, task_ids)
+            h, z = self.shared(x_d)  # (B, ..., r), (B, ..., out); per-task gradient hooks attach here from outside
             w = (self.shared_scaling if shared_weight is None
                  else _rows(shared_weight.to(z.dtype), z.dim()) * self.shared_scaling)
             out = out + z * w
@@ -277,14 +218,6 @@ class MultiLoRALinear(nn.Module):
             w = (task_weight.to(h_t.dtype) * self.task_scaling).repeat_interleave(adapters[0].rank, dim=1)
             out = out + F.linear(h_t * w.view(w.shape[0], *([1] * (h_t.dim() - 2)), w.shape[1]), B)
         return out
-
-    def _track(self, x_d: torch.Tensor, h: torch.Tensor, z: torch.Tensor, task_ids: torch.Tensor) -> None:
-        tracker, off = self.router.tracker, self.track_offset
-        a_size = self.shared.rank * self.in_features
-        h_saved = h.detach()
-        # dL/dz gives dB = dz^T h; dL/dh gives dA = dh^T x_d. Both hooks only read, never change, the gradient.
-        z.register_hook(lambda g: tracker.add_rank_out(off + a_size, task_ids, g, h_saved))
-        h.register_hook(lambda g: tracker.add_rank_in(off, task_ids, g, x_d))
 
     def extra_repr(self) -> str:
         r_sh = self.shared.rank if self.shared is not None else 0

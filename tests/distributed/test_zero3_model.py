@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_ranks
+from ckf_dist.testing.ranks import run_ranks
+from ckf_dist.train.task_grads import TaskGradTracker
 
 ZERO_JSON = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_cpu.json"
 STEPS = 3
@@ -26,7 +27,7 @@ STATE_ATOL = 1e-5
 
 
 def _samples() -> list[dict]:
-    from tests.unit.test_model_ckf import make_sample
+    from ckf_dist.testing.model_samples import make_sample
 
     return [make_sample("0", "ctr", 1, [1, 2, 3], [4], "Yes"),
             make_sample("1", "ctr", 4, [7], [9], "No"),
@@ -38,7 +39,7 @@ def _build(llm_dir: str):
     from ckf_dist.config import ModelConfig, MultiLoRAConfig
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.llm import load_llm, load_tokenizer
-    from tests.unit.test_model_ckf import cf_tables
+    from ckf_dist.testing.model_samples import cf_tables
 
     tokenizer = load_tokenizer(llm_dir)
     llm = load_llm(llm_dir, "float32", tokenizer)
@@ -51,16 +52,16 @@ def _build(llm_dir: str):
 
 def _reference(llm_dir: str) -> dict:
     """1 process, no DeepSpeed, the global batch (all four samples) in one step."""
-    from tests.unit.test_model_ckf import collate
+    from ckf_dist.testing.model_samples import collate
 
     model, tokenizer = _build(llm_dir)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     batch = collate(tokenizer, _samples(), variants=("text", "cf"))
-    model.enable_task_grad_tracking(True)
+    tracker = TaskGradTracker(model)
     losses, first_task_grads = [], None
     for step in range(STEPS):
-        model.reset_task_grads()
+        tracker.reset()
         optimizer.zero_grad()
         out = model(batch, text_weight=TEXT_WEIGHT)
         out.loss.backward()
@@ -68,7 +69,7 @@ def _reference(llm_dir: str) -> dict:
         optimizer.step()
         losses.append(float(out.loss))
         if step == 0:
-            first_task_grads = model.task_grads().clone()
+            first_task_grads = tracker.get().clone()
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return {"losses": losses, "state": state, "task_grads": first_task_grads}
 
@@ -78,7 +79,7 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
-    from tests.unit.test_model_ckf import collate
+    from ckf_dist.testing.model_samples import collate
 
     torch.set_num_threads(1)  # 2 ranks on a small shared CPU: oversubscribed OpenMP threads crawl
     deepspeed.init_distributed(dist_backend="gloo")  # attaches deepspeed.comm to run_ranks' gloo group
@@ -109,12 +110,12 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
     # Every Multi-LoRA layer is a ZeRO-3 leaf: its base weight and all adapters are fetched together.
     assert ckf.lora_layers and all(hasattr(p, "ds_z3_leaf_module") for lyr in ckf.lora_layers.values()
                                    for p in lyr.parameters())
-    ckf.enable_task_grad_tracking(True)
+    tracker = TaskGradTracker(ckf)
     batch = collate(tokenizer, mine, variants=("text", "cf"))
     assert set(batch.task_ids.tolist()) == ({0, 2} if world == 1 else {2 * rank})  # ctr=0, rating=2
     losses, first_task_grads = [], None
     for step in range(STEPS):
-        ckf.reset_task_grads()
+        tracker.reset()
         out = engine(batch, text_weight=TEXT_WEIGHT)
         engine.backward(out.loss)
         engine.step()
@@ -122,7 +123,7 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
         if step == 0:
-            tg = ckf.task_grads().clone()
+            tg = tracker.get().clone()
             dist.all_reduce(tg)
             first_task_grads = tg / world  # DeepSpeed averages gradients over ranks; so do we
     names = [n for n, p in ckf.named_parameters() if p.requires_grad]

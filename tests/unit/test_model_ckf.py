@@ -1,7 +1,4 @@
-"""CKFModel oracles on the tiny Llama: mixed-task routing, peft equivalence, curriculum loss, gradients, generation.
-
-Also holds the hand-built samples and model factory reused by the other model tests.
-"""
+"""CKFModel oracles on the tiny Llama: mixed-task routing, peft equivalence, curriculum loss, gradients, generation."""
 
 from __future__ import annotations
 
@@ -11,75 +8,15 @@ import torch.nn.functional as F
 
 from ckf_dist.config import ModelConfig, MultiLoRAConfig
 from ckf_dist.data.batch import Batch
-from ckf_dist.data.collate import Collator
 from ckf_dist.model.ckf import CKFModel, build_ckf_model
-from ckf_dist.tasks import ITEM_SLOT, TASK_ID, USER_SLOT
-
-NUM_USERS, NUM_ITEMS, CF_DIM = 12, 30, 8
-TITLES = ["Blue River", "Red Stone", "Green Hill"]
-
-
-def make_sample(key: str, task: str, uid: int, history: list[int], slot_items: list[int], answer: str) -> dict:
-    """A PromptSample with one USER_SLOT and one ITEM_SLOT per slot item (the text variant without slots)."""
-    names = [TITLES[i % 3] for i in range(len(slot_items))]
-    prompt_cf = f"User {USER_SLOT} watched " + ", ".join(f"{n} {ITEM_SLOT}" for n in names) + ". Answer:"
-    prompt_text = "User watched " + ", ".join(names) + ". Answer:"
-    return {"key": f"train/{task}/{uid}/{key}", "task": task, "split": "train", "uid": uid, "history": history,
-            "slot_items": slot_items, "prompt_cf": prompt_cf, "prompt_text": prompt_text, "answer": answer,
-            "label": 1.0, "candidates": [], "candidate_titles": [], "item": slot_items[-1] if slot_items else 0,
-            "is_cold": False}
-
-
-def mixed_samples() -> list[dict]:
-    """Eight samples, tasks interleaved, with a no-history user, an unknown user, an unknown item, 12 slots."""
-    return [
-        make_sample("0", "ctr", 1, [1, 2, 3], [4], "Yes"),
-        make_sample("1", "topk", 2, [5, 6], list(range(7, 19)), "Red Stone"),
-        make_sample("2", "rating", 3, [], [9], "4"),
-        make_sample("3", "exp", -1, [2, 8], [10], "great sound and solid build"),
-        make_sample("4", "ctr", 4, [7], [99], "No"),
-        make_sample("5", "rating", 5, [1, 4, 9, 11], [3], "2"),
-        make_sample("6", "topk", NUM_USERS + 3, [12], [1, 2, 3], "Green Hill"),
-        make_sample("7", "exp", 6, [3], [5], "worth the price"),
-    ]
-
-
-def collate(tokenizer, samples: list[dict], variants=("cf",), padding_side: str = "right",
-            with_answer: bool = True) -> Batch:
-    return Collator(tokenizer, max_length=128, history_len=5, padding_side=padding_side,
-                    with_answer=with_answer)(samples, variants)
-
-
-def cf_tables(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(NUM_USERS, CF_DIM, generator=g), torch.randn(NUM_ITEMS, CF_DIM, generator=g)
-
-
-def randomize_lora(model: CKFModel, seed: int = 1, scale: float = 0.1) -> None:
-    """Give every LoRA B (zero at init) random values so that every adapter changes the output.
-
-    scale 0.1 keeps the LoRA delta of trained-adapter size; much larger deltas (0.5) push the tiny model's fp32
-    logits (|logit| up to ~8) to ~2e-5 rounding differences between mathematically equal computations.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.lora_layers.values():
-            adapters = ([layer.shared] if layer.shared is not None else []) + list(layer.task_loras.values())
-            for ad in adapters:
-                ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * scale)
-
-
-def make_model(llm, tokenizer, gate: bool = False, pooling: str = "mean", randomize: bool = True,
-               **lora) -> CKFModel:
-    """Tiny CKF model with dropout 0 (deterministic oracles) and random LoRA B's."""
-    user_emb, item_emb = cf_tables()
-    lora_cfg = MultiLoRAConfig(rank=4, alpha=8.0, dropout=0.0, task_rank=4, task_alpha=16.0, task_dropout=0.0,
-                               gate=gate, **lora)
-    model = build_ckf_model(llm, tokenizer, user_emb, item_emb, ModelConfig(meta_hidden=16, pooling=pooling),
-                            lora_cfg)
-    if randomize:
-        randomize_lora(model)
-    return model.eval()
+from ckf_dist.tasks import TASK_ID
+from ckf_dist.testing.model_samples import (
+    cf_tables,
+    collate,
+    make_model,
+    mixed_samples,
+)
+from ckf_dist.train.task_grads import TaskGradTracker
 
 
 def real_lengths(batch: Batch) -> list[int]:
@@ -286,16 +223,16 @@ def test_activation_checkpointing_keeps_routing_and_gradients(tiny_llm_dir, tiny
     grads, losses, tracked = [], [], []
     for ckpt in (False, True):
         llm = load_llm(tiny_llm_dir, "float32", tiny_tokenizer)
-        if ckpt:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(0)
         model = make_model(llm, tiny_tokenizer, gate=True).train()
-        model.enable_task_grad_tracking(True)
+        if ckpt:
+            model.enable_gradient_checkpointing()
+        tracker = TaskGradTracker(model)
         out = model(collate(tiny_tokenizer, mixed_samples(), variants=("text", "cf")), text_weight=0.5)
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-        tracked.append(model.task_grads().sum(0))
+        tracked.append(tracker.get().sum(0))
         shared = torch.cat([p.grad.flatten() for p in model.shared_lora_parameters()])
         torch.testing.assert_close(tracked[-1], shared, atol=1e-6, rtol=1e-5)
     assert model.llm.is_gradient_checkpointing

@@ -10,7 +10,6 @@ from torch import nn
 from ckf_dist.config import MultiLoRAConfig
 from ckf_dist.model.ckf import TaskGate
 from ckf_dist.model.multi_lora import MultiLoRALinear, TaskRouter, inject_multi_lora
-from tests.unit.test_model_ckf import collate, make_model, mixed_samples
 
 TASKS2 = ["ctr", "rating", "topk"]
 
@@ -98,50 +97,3 @@ def test_module_in_both_target_sets_gets_both_parts(tiny_llm):
     gate_proj = layers["model.layers.0.mlp.gate_proj"]
     assert gate_proj.shared is not None and not gate_proj.tasks
     assert all(p.requires_grad is False for n, p in tiny_llm.named_parameters() if "lora_" not in n)
-
-
-def _shared_grad_vector(model) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.shared_lora_parameters()])
-
-
-def test_task_grads_sum_to_grad_and_match_each_tasks_own_backward(tiny_llm, tiny_tokenizer):
-    model = make_model(tiny_llm, tiny_tokenizer, gate=True).train()
-    with torch.no_grad():
-        model.gate.logits.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))  # the gate scales the shared part per task
-    samples = mixed_samples()
-    batch = collate(tiny_tokenizer, samples)  # CF rows only: loss = mean token CE over the batch
-    model.enable_task_grad_tracking(True)
-    model.reset_task_grads()
-    out = model(batch)
-    out.loss.backward()
-    per_task = model.task_grads().clone()
-    full = _shared_grad_vector(model)
-    assert per_task.shape == (4, full.numel())
-    torch.testing.assert_close(per_task.sum(0), full, atol=1e-6, rtol=1e-5)
-    assert (per_task.abs().sum(1) > 0).all(), "every task present contributes"
-
-    # Each task's piece = gradient of (its rows' summed token losses / all answer tokens of the batch).
-    n_total = float(out.task_tokens.sum())
-    model.enable_task_grad_tracking(False)
-    for tid, task in enumerate(model.tasks):
-        idx = [i for i, s in enumerate(samples) if s["task"] == task]
-        sub = collate(tiny_tokenizer, [samples[i] for i in idx])
-        model.zero_grad()
-        o = model(sub)
-        (o.loss * float(o.task_tokens.sum()) / n_total).backward()
-        torch.testing.assert_close(per_task[tid], _shared_grad_vector(model), atol=1e-6, rtol=1e-4)
-
-    model.reset_task_grads()
-    assert model.task_grads().abs().sum() == 0
-
-
-def test_task_grads_accumulate_over_backwards(tiny_llm, tiny_tokenizer):
-    model = make_model(tiny_llm, tiny_tokenizer).train()
-    model.enable_task_grad_tracking(True)
-    batch = collate(tiny_tokenizer, mixed_samples()[:4], variants=("text", "cf"))
-    model(batch, text_weight=0.5).loss.backward()
-    model(batch, text_weight=0.5).loss.backward()  # .grad accumulates; so must the per-task buffer
-    torch.testing.assert_close(model.task_grads().sum(0), _shared_grad_vector(model), atol=1e-6, rtol=1e-5)
-    with torch.no_grad():  # no backward, no tracking
-        model(batch)
-    torch.testing.assert_close(model.task_grads().sum(0), _shared_grad_vector(model), atol=1e-6, rtol=1e-5)
