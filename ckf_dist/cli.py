@@ -46,9 +46,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _train(argv: list[str]) -> None:
-    from ckf_dist.train.loop import train
+    from ckf_dist.pipeline import run_pipeline
 
-    train(parse_run_args(argv, "ckf-dist train"))
+    run_pipeline(parse_run_args(argv, "ckf-dist train"))
 
 
 def _prepare(argv: list[str]) -> None:

@@ -1,9 +1,9 @@
-"""Run the main job as a Ray Train job: one worker per GPU (or CPU process), the same `train(cfg)` on each.
+"""Run the main job as a Ray Train job: one worker per GPU (or CPU process), the same `run_pipeline(cfg)` on each.
 
     python launchers/ray_job.py --num-workers 8 --gpu --config configs/ml100k.yaml       # on the cluster head
     ray job submit --working-dir . -- python launchers/ray_job.py --num-workers 8 --gpu --config ...
 
-Ray Train creates the torch process group (NCCL on GPUs, gloo on CPUs); `train` joins it instead of creating one.
+Ray Train creates the torch process group (NCCL on GPUs, gloo on CPUs); `run_pipeline` joins it instead of creating one.
 Prepared data, checkpoints and reports go to log.run_dir / data.prepared_dir, which must be on storage every node
 sees (NFS, Lustre) in a multi-node cluster.
 """
@@ -20,9 +20,9 @@ from ckf_dist.cli import parse_run_args  # noqa: E402
 def _worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpu"] else "cpu")
     from ckf_dist.config import config_from_dict
-    from ckf_dist.train.loop import train
+    from ckf_dist.pipeline import run_pipeline
 
-    train(config_from_dict(config["cfg"]))
+    run_pipeline(config_from_dict(config["cfg"]))
 
 
 def main() -> None:

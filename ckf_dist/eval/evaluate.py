@@ -44,7 +44,7 @@ def evaluate_model(model: Any, tokenizer: Any, samples: list[PromptSample], cfg:
             `generate(batch, max_new_tokens, num_beams, synced_gpus) -> (B, new)`), e.g. `engine.module`.
         tokenizer: the model's tokenizer (holds the slot tokens; "Yes"/"No" and "1".."5" are single tokens).
         samples: the same list on every rank (e.g. `load_samples(prepared_dir, "test", tasks)`), already capped
-            by the caller (eval.max_samples_per_task: train.loop.cap_per_task) so that baselines see the same set.
+            by the caller (eval.max_samples_per_task: eval.run.cap_per_task) so that baselines see the same set.
         cfg: the run configuration (eval.batch_size, eval.ks, eval.max_new_tokens, eval.num_beams,
             model.max_length, data.history_len).
         variant: "cf" (prompts with CF slots: CKF) or "text" (text-only prompts: the text-only LLM baseline).

@@ -1,6 +1,7 @@
-"""Evaluate a finished run directory: rebuild the CKF model (KFM fusion + MTM Multi-LoRA) from its exported
-adapters and the frozen CF tables (CKEM), evaluate it and the configured baselines on the same test samples on
-every rank, and write the report on rank 0. `launchers/evaluate.py` and `ckf-dist evaluate` call `evaluate_run`.
+"""Evaluation stage: CKF and its baselines (CF alone, CKF on text prompts) on the same test samples, on every rank
+(`evaluate_all`, also the end of the main job); and `evaluate_run`, which rebuilds the CKF model (KFM fusion + MTM
+Multi-LoRA) of a finished run directory from its exported adapters and the frozen CF tables (CKEM) and evaluates it
+(`launchers/evaluate.py`, `ckf-dist evaluate`). Reports are written on rank 0.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
+
 import torch
 
 from ckf_dist.config import RunConfig
@@ -57,11 +60,9 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
 
     from ckf_dist.cf.export import load_cf_embeddings
     from ckf_dist.data.schema import manifest_sha256
-    from ckf_dist.eval.report import format_table, write_report
     from ckf_dist.model.export import load_ckf_model
     from ckf_dist.model.llm import load_tokenizer
     from ckf_dist.train.deepspeed_utils import init_distributed
-    from ckf_dist.train.loop import evaluate_all
 
     rank, world = init_distributed(cfg)
     # Tables trained on other data would pair embeddings with the wrong users: refused, both checksums named.
@@ -72,11 +73,65 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
     model.to(device)
     # Same model names, samples, caps and baselines as the evaluation at the end of training.
     results = evaluate_all(cfg, model, tokenizer, cf, rank, world)
-    results = {m: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-               for m, r in results.items()}
     if rank == 0 and write:
-        written = write_report(paths["run_dir"], results, tb_dir=str(paths["run_dir"] / "tb"))
-        print(format_table(results))
-        print(f"[ckf] report: {', '.join(str(p) for p in written.values())}")
+        report(paths["run_dir"], results)
     return results
 
+
+def report(run_dir: Path, results: dict[str, dict[str, Any]], step: int = 0) -> None:
+    """Write the report files (metrics.json, report.md, plots, TensorBoard scalars under tb/report/<model>/ at
+    `step`) and print the table and where the files went."""
+    from ckf_dist.eval.report import format_table, write_report
+
+    written = write_report(run_dir, results, tb_dir=str(run_dir / "tb"), step=step)
+    print(format_table(results))
+    print(f"[ckf] report: {', '.join(str(p) for p in written.values())}")
+
+
+
+def run_eval(cfg: RunConfig, model, tokenizer, split: str, variant: str, rank: int, world: int,
+             limit: int = 0) -> dict[str, Any]:
+    """Metrics of `model` on `split` with `variant` prompts ('cf' or 'text'), at most `limit` samples per task."""
+    from ckf_dist.data.prompts import load_samples
+    from ckf_dist.eval.evaluate import evaluate_model
+
+    samples = load_samples(cfg.data.prepared_dir, split, cfg.data.tasks)
+    if limit:
+        samples = cap_per_task(samples, limit)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate_model(model, tokenizer, samples, cfg, variant=variant, rank=rank, world=world)
+    model.train(was_training)
+    return metrics
+
+
+def cap_per_task(samples: list, limit: int) -> list:
+    """The first `limit` samples of each task (samples are sorted by key, so this is deterministic)."""
+    counts: dict[str, int] = {}
+    out = []
+    for s in samples:
+        if counts.get(s["task"], 0) < limit:
+            counts[s["task"]] = counts.get(s["task"], 0) + 1
+            out.append(s)
+    return out
+
+
+def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """CKF (CF-slot prompts) and the configured baselines on the same test samples; NaN metrics become None."""
+    from ckf_dist.data.prompts import load_samples
+    from ckf_dist.eval.evaluate import evaluate_cf_baseline
+
+    limit = cfg.eval.max_samples_per_task
+    main_variant = "text" if cfg.train.prompts == "text" else "cf"
+    name = "LLM (text-only)" if main_variant == "text" else "CKF"
+    results = {name: run_eval(cfg, model, tokenizer, cfg.eval.split, main_variant, rank, world, limit)}
+    if "text" in cfg.eval.baselines and main_variant == "cf":
+        results["CKF, text prompts"] = run_eval(cfg, model, tokenizer, cfg.eval.split, "text", rank, world, limit)
+    if "cf" in cfg.eval.baselines:
+        samples = load_samples(cfg.data.prepared_dir, cfg.eval.split, cfg.data.tasks)
+        if limit:
+            samples = cap_per_task(samples, limit)
+        results[f"CF ({cfg.cf.model})"] = evaluate_cf_baseline(cf, samples, cfg)
+    return {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()}
+            for k, r in results.items()}

@@ -1,17 +1,17 @@
-"""The main job, read top to bottom: prepare data -> train CF (CKEM) -> fine-tune the CKF model (KFM + MTM)
-under DeepSpeed ZeRO-3 on every rank -> export per-task adapters -> evaluate CKF and its baselines -> report.
+"""The CKF fine-tuning loop (KFM + MTM), read top to bottom: build the CKF model around a ZeRO-3-sharded LLM,
+resume if a checkpoint exists, then per step draw the task mixture's micro-batches, run forward / backward /
+step, reduce the per-task statistics over the ranks, update the mixture, log and checkpoint.
 
-Every rank runs this same function (launched by `deepspeed`, `torchrun`, Slurm or Ray Train).
+Every rank runs `finetune` (the pipeline in ckf_dist/pipeline.py calls it between the CF and export stages).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,47 +19,49 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ckf_dist.config import RunConfig, save_config
+from ckf_dist.cf.export import CFEmbeddings
+from ckf_dist.config import RunConfig
 from ckf_dist.data.collate import Collator
+from ckf_dist.data.stream import TaskStream
+from ckf_dist.model.ckf import CKFModel
 from ckf_dist.tasks import TASK_ID, TASKS
 from ckf_dist.train.batches import StepBatches
+from ckf_dist.train.build import build_model, hidden_size_of
 from ckf_dist.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from ckf_dist.train.curriculum import curriculum_weight, variants_for
-from ckf_dist.train.deepspeed_utils import init_distributed, make_ds_config
+from ckf_dist.train.deepspeed_utils import make_ds_config
 from ckf_dist.train.health import Heartbeat, StopRequest, is_collective_failure
 from ckf_dist.train.logging import NullLogger, RunLogger
 from ckf_dist.train.sampler import TaskMixture, task_gradient_stats
+from ckf_dist.train.task_grads import TaskGradTracker
+
+Validate = Callable[[CKFModel, Any], dict[str, Any]]
+"""(model, tokenizer) -> validation metrics; the pipeline passes one that runs eval/ on the valid split."""
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run the whole pipeline; returns the final metrics (identical on every rank)."""
+@dataclass
+class Finetuned:
+    """What the fine-tuning stage hands on: the engine (for ZeRO-3 gathers), its CKF model and the tokenizer.
+
+    Attributes:
+        stopped: a stop was requested (SIGTERM / SIGUSR1); a checkpoint was written and the run ends here.
+    """
+
+    engine: Any
+    model: CKFModel
+    tokenizer: Any
+    stopped: bool
+
+
+def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world: int,
+             validate: Validate | None = None) -> Finetuned:
+    """Fine-tune the CKF model on every rank of the current process group (data-parallel under ZeRO-3)."""
     import deepspeed
 
-    from ckf_dist.data.stream import TaskStream
-    from ckf_dist.train.build import build_model, ensure_base_model, hidden_size_of
-
-    rank, world = init_distributed(cfg)
     run_dir = Path(cfg.log.run_dir)
-    seed_everything(cfg.train.seed)
-    if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-    # Each rank's pid, so an operator (or a test) can find and signal a given rank.
-    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
-    (run_dir / "pids" / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"[ckf] run dir {run_dir} | {world} rank(s) | tasks {cfg.data.tasks}")
-
-    # 1. Data: rank 0 prepares (Ray Data); the others wait and then read the same manifest.
-    manifest = on_rank0_then_all(rank, lambda: prepare(cfg), lambda: read_manifest(cfg))
-    say(f"[ckf] data: {manifest['num_users']} users, {manifest['num_items']} items, prompts {manifest['counts']}")
-
-    # 2. CKEM: CF embeddings (data-parallel over the same ranks), refused if built from other data.
-    cf = ensure_cf_embeddings(cfg, rank)
-    say(f"[ckf] CF tables: users {tuple(cf.user.shape)}, items {tuple(cf.item.shape)}")
-
-    # 3. The CKF model around a ZeRO-3-sharded LLM. Re-seed first: whether the stages above ran (or were found
-    # done) must not change the initial LoRA / MetaNet weights, or a rerun would not reproduce a run.
-    base_dir = ensure_base_model(cfg, rank)
+    # Re-seed first: whether the stages before ran (or were found done) must not change the initial LoRA / MetaNet
+    # weights, or a rerun would not reproduce a run.
     seed_everything(cfg.train.seed)
     ds_config = make_ds_config(cfg, world, hidden_size_of(base_dir))
     model, tokenizer, _keepalive = build_model(cfg, base_dir, cf.user, cf.item, ds_config)
@@ -78,7 +80,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                       "text": lambda step: 1.0}[cfg.train.prompts]
     batches = StepBatches(streams, collator, cfg.data.tasks, cfg.train.micro_batch_size, cfg.train.grad_accum,
                           cfg.train.seed, rank, lambda step: variants_for(text_weight_at(step)), cfg.train.prefetch)
-    ckf.enable_task_grad_tracking(True)
+    tracker = TaskGradTracker(ckf)
     logger = RunLogger(run_dir, "ckf") if rank == 0 else NullLogger()
 
     start = 0
@@ -89,19 +91,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         start = state["steps_done"]
         say(f"[ckf] resumed from {found[-1]} at step {start}")
 
-    # 4. The loop.
     progress = make_progress(cfg, rank, start)
     tick, seen_samples, seen_tokens, waited = time.perf_counter(), 0, 0, batches.wait_s
     heartbeat, stop = Heartbeat(rank, world), StopRequest()
+    ids = [TASK_ID[t] for t in cfg.data.tasks]
     try:
         for step in range(start, cfg.train.max_steps):
             heartbeat.beat(step)
             text_weight = text_weight_at(step)
-            ckf.reset_task_grads()
-            loss_sum = torch.zeros(len(TASKS), dtype=torch.float64)
-            tok_sum = torch.zeros(len(TASKS), dtype=torch.float64)
-            row_sum = torch.zeros(len(TASKS), dtype=torch.float64)
-            total_loss = 0.0
+            tracker.reset()
+            sums = StepSums.zeros()
             # Every rank draws with the same mixture. With train.prefetch these were built during the previous
             # step, so they were drawn with the mixture one update older (lag one).
             for batch in batches.take(step, mixture.weights, last_step=cfg.train.max_steps - 1):
@@ -109,32 +108,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 out = engine(batch, text_weight=text_weight)
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-                loss_sum += (out.task_loss.double() * out.task_tokens.double()).cpu()
-                tok_sum += out.task_tokens.double().cpu()
-                row_sum += torch.bincount(batch.task_ids.cpu(), minlength=len(TASKS)).double()
-                total_loss += float(out.loss.detach()) / cfg.train.grad_accum
+                sums.add(out, batch, cfg.train.grad_accum)
                 seen_samples += cfg.train.micro_batch_size
                 seen_tokens += int(batch.attention_mask.sum())
 
-            # Per-task statistics over all ranks: losses, answer tokens and shared-LoRA gradients.
-            stats = torch.cat([loss_sum, tok_sum, row_sum, torch.tensor([total_loss], dtype=torch.float64)])
-            dist.all_reduce(stats)
-            task_grads = ckf.task_grads().double().cpu()
-            dist.all_reduce(task_grads)
-            n = len(TASKS)
-            task_tokens = stats[n:2 * n]
-            task_loss = stats[:n] / task_tokens.clamp_min(1)
-            grad_norms, cos = task_gradient_stats(task_grads, task_samples=stats[2 * n:3 * n])
-            ids = [TASK_ID[t] for t in cfg.data.tasks]
-            mixture.update(grad_norms[ids], task_loss[ids], present=task_tokens[ids] > 0)
+            stats = sums.all_reduce(tracker.get(), world)
+            mixture.update(stats.grad_norms[ids], stats.task_loss[ids], present=stats.task_tokens[ids] > 0)
 
             done = step + 1
             progress.update(1)
-            progress.set_postfix(loss=f"{float(stats[-1]) / world:.3f}", w_text=f"{text_weight:.2f}")
+            progress.set_postfix(loss=f"{stats.loss:.3f}", w_text=f"{text_weight:.2f}")
             if done % cfg.log.every == 0 or done == cfg.train.max_steps:
                 elapsed = time.perf_counter() - tick
-                scalars = {
-                    "train/loss": float(stats[-1]) / world,
+                logger.log_dict({
+                    "train/loss": stats.loss,
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/text_weight": text_weight,
                     "train/grad_norm": engine.get_global_grad_norm(),
@@ -142,29 +129,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                     "train/tokens_per_s": seen_tokens * world / elapsed,
                     # Share of wall time this rank was blocked waiting for its next batch (goal < 5%).
                     "train/data_wait_frac": (batches.wait_s - waited) / elapsed,
-                }
-                for i, t in zip(ids, cfg.data.tasks):
-                    scalars[f"train/loss_{t}"] = float(task_loss[i]) if task_tokens[i] > 0 else None
-                    scalars[f"train/grad_norm_{t}"] = float(grad_norms[i])
-                    scalars[f"train/mixture_{t}"] = float(mixture.weights[cfg.data.tasks.index(t)])
-                    for j, u in zip(ids, cfg.data.tasks):
-                        if i < j:
-                            scalars[f"train/grad_cos_{t}_{u}"] = float(cos[i, j])
-                logger.log_dict(scalars, done)
+                    **stats.task_scalars(cfg.data.tasks, mixture.weights),
+                }, done)
                 tick, seen_samples, seen_tokens, waited = time.perf_counter(), 0, 0, batches.wait_s
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
+            if validate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
                 batches.wait()  # the tokenizer is not safe to share with the batch-building thread
-                val = run_eval(cfg, ckf, tokenizer, "valid", "cf", rank, world, limit=cfg.eval.max_samples_per_task or 64)
-                logger.log_dict({f"valid/{k}": v for k, v in val.items()}, done)
+                logger.log_dict({f"valid/{k}": v for k, v in validate(ckf, tokenizer).items()}, done)
             stopping = stop.requested()
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps or stopping:
-                rank_state = {"data": batches.state_dict(),
-                              "mixture": mixture.state_dict(), "steps_done": done}
+                rank_state = {"data": batches.state_dict(), "mixture": mixture.state_dict(), "steps_done": done}
                 save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
             if stopping:
                 say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
                 logger.close()
-                return {}
+                return Finetuned(engine, ckf, tokenizer, stopped=True)
     except Exception as err:
         # A dead or hung peer surfaces here as a failed or timed-out collective: name it and stop.
         if is_collective_failure(err):
@@ -173,23 +151,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     finally:
         batches.close()
     progress.close()
-    logger.flush()
-
-    # 5. Export per-task peft adapters (LoRA + fusion modules only; no copy of the base model).
-    export_adapters(engine, ckf, cfg, base_dir, rank)
-
-    # 6. Evaluate CKF and the baselines on the same test samples; report.
-    results = evaluate_all(cfg, ckf, tokenizer, cf, rank, world)
-    if rank == 0:
-        from ckf_dist.eval.report import format_table, write_report
-
-        # Also writes the test metrics as TensorBoard scalars under tb/report/<model>/.
-        paths = write_report(run_dir, results, tb_dir=str(run_dir / "tb"), step=cfg.train.max_steps)
-        print(format_table(results))
-        print(f"[ckf] report: {', '.join(str(p) for p in paths.values())}")
     logger.close()
-    dist.barrier()
-    return results
+    return Finetuned(engine, ckf, tokenizer, stopped=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,60 +166,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def on_rank0_then_all(rank: int, work, read):
-    """Run `work` on rank 0 only, then `read` on every rank after a barrier (rank 0's failure is re-raised
-    on every rank instead of leaving them waiting)."""
-    err: list[str | None] = [None]
-    failure: Exception | None = None
-    if rank == 0:
-        try:
-            work()
-        except Exception as e:  # noqa: BLE001 - broadcast, then re-raise below
-            failure, err[0] = e, f"{type(e).__name__}: {e}"
-    dist.broadcast_object_list(err, src=0)
-    if failure is not None:
-        raise failure
-    if err[0] is not None:
-        raise RuntimeError(f"rank 0 failed: {err[0]}")
-    return read()
+def warmup_linear_decay(cfg: RunConfig) -> Callable[[int], float]:
+    """LR factor: linear warm-up over warmup_ratio * max_steps, then linear decay to 0.
 
-
-def prepare(cfg: RunConfig) -> None:
-    from ckf_dist.data.preprocess import prepare_data
-
-    prepare_data(cfg.data)
-
-
-def read_manifest(cfg: RunConfig) -> dict[str, Any]:
-    return json.loads((Path(cfg.data.prepared_dir) / "manifest.json").read_text())
-
-
-def ensure_cf_embeddings(cfg: RunConfig, rank: int):
-    """Load the CF tables for this data, training them first (on all ranks) when absent or stale."""
-    from ckf_dist.cf.export import load_cf_embeddings
-    from ckf_dist.cf.train_cf import train_cf
-    from ckf_dist.data.schema import manifest_sha256
-
-    sha = manifest_sha256(cfg.data.prepared_dir)
-    path = cfg.cf_embeddings_path
-    fresh = [path.is_file()]
-    if fresh[0] and cfg.cf.embeddings_path is None:
-        # Our own export from an earlier run of this run dir: retrain if the data changed since.
-        try:
-            load_cf_embeddings(path, expected_manifest_sha=sha)
-        except ValueError:
-            fresh[0] = False
-    dist.broadcast_object_list(fresh, src=0)
-    if not fresh[0]:
-        if cfg.cf.embeddings_path is not None:
-            raise FileNotFoundError(f"cf.embeddings_path={path} does not exist; unset it to train the CF model here")
-        train_cf(cfg)
-        dist.barrier()
-    # A user-provided table from other data is refused here with both checksums named.
-    return load_cf_embeddings(path, expected_manifest_sha=sha)
-
-
-def warmup_linear_decay(cfg: RunConfig):
+    Not transformers' get_linear_schedule_with_warmup: that one starts at factor 0 (the first step trains at lr 0);
+    this one reaches 1 / warm at step 0.
+    """
     total = cfg.train.max_steps
     warm = max(1, int(round(cfg.train.warmup_ratio * total)))
 
@@ -275,65 +190,64 @@ def make_progress(cfg: RunConfig, rank: int, start: int):
                 disable=rank != 0 or not cfg.log.progress, file=sys.stdout)
 
 
-def export_adapters(engine, ckf, cfg: RunConfig, base_dir: Path, rank: int) -> None:
-    """Gather the (small) trainable parameters on rank 0 and write per-task peft adapters + fusion weights."""
-    import deepspeed
+@dataclass
+class StepStats:
+    """One optimizer step's statistics, reduced over all ranks (global TASK_ID order along T)."""
 
-    from ckf_dist.model.export import export_task_adapters
+    loss: float
+    """Mean over ranks of the accumulated micro-batch losses."""
+    task_loss: torch.Tensor
+    """(T,) mean answer-token loss per task."""
+    task_tokens: torch.Tensor
+    """(T,) answer tokens per task."""
+    grad_norms: torch.Tensor
+    """(T,) per-sample shared-LoRA gradient norm per task (NaN for absent tasks)."""
+    cos: torch.Tensor
+    """(T, T) cosines between the task gradients."""
 
-    params = ckf.trainable_parameters()
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=_is_zero3(engine)):
-        if rank == 0:
-            export_task_adapters(ckf, Path(cfg.log.run_dir) / "adapters", str(base_dir))
-    dist.barrier()
-
-
-def _is_zero3(engine) -> bool:
-    return engine.zero_optimization_stage() == 3
-
-
-def run_eval(cfg: RunConfig, ckf, tokenizer, split: str, variant: str, rank: int, world: int,
-             limit: int = 0) -> dict[str, Any]:
-    from ckf_dist.data.prompts import load_samples
-    from ckf_dist.eval.evaluate import evaluate_model
-
-    samples = load_samples(cfg.data.prepared_dir, split, cfg.data.tasks)
-    if limit:
-        samples = cap_per_task(samples, limit)
-    was_training = ckf.training
-    ckf.eval()
-    with torch.no_grad():
-        metrics = evaluate_model(ckf, tokenizer, samples, cfg, variant=variant, rank=rank, world=world)
-    ckf.train(was_training)
-    return metrics
+    def task_scalars(self, tasks: list[str], weights: torch.Tensor) -> dict[str, float | None]:
+        """train/loss_<t>, train/grad_norm_<t>, train/mixture_<t>, train/grad_cos_<t>_<u> for the configured tasks."""
+        ids = [TASK_ID[t] for t in tasks]
+        out: dict[str, float | None] = {}
+        for i, t in zip(ids, tasks):
+            out[f"train/loss_{t}"] = float(self.task_loss[i]) if self.task_tokens[i] > 0 else None
+            out[f"train/grad_norm_{t}"] = float(self.grad_norms[i])
+            out[f"train/mixture_{t}"] = float(weights[tasks.index(t)])
+            for j, u in zip(ids, tasks):
+                if i < j:
+                    out[f"train/grad_cos_{t}_{u}"] = float(self.cos[i, j])
+        return out
 
 
-def cap_per_task(samples: list, limit: int) -> list:
-    """The first `limit` samples of each task (samples are sorted by key, so this is deterministic)."""
-    counts: dict[str, int] = {}
-    out = []
-    for s in samples:
-        if counts.get(s["task"], 0) < limit:
-            counts[s["task"]] = counts.get(s["task"], 0) + 1
-            out.append(s)
-    return out
+@dataclass
+class StepSums:
+    """This rank's per-task sums over one step's micro-batches (float64 on the CPU)."""
 
+    loss_sum: torch.Tensor
+    tok_sum: torch.Tensor
+    row_sum: torch.Tensor
+    total_loss: float
 
-def evaluate_all(cfg: RunConfig, ckf, tokenizer, cf, rank: int, world: int) -> dict[str, dict[str, Any]]:
-    """CKF (CF-slot prompts) and the configured baselines on the same test samples."""
-    from ckf_dist.data.prompts import load_samples
-    from ckf_dist.eval.evaluate import evaluate_cf_baseline
+    @classmethod
+    def zeros(cls) -> StepSums:
+        n = len(TASKS)
+        return cls(*(torch.zeros(n, dtype=torch.float64) for _ in range(3)), total_loss=0.0)
 
-    limit = cfg.eval.max_samples_per_task
-    main_variant = "text" if cfg.train.prompts == "text" else "cf"
-    name = "LLM (text-only)" if main_variant == "text" else "CKF"
-    results = {name: run_eval(cfg, ckf, tokenizer, cfg.eval.split, main_variant, rank, world, limit)}
-    if "text" in cfg.eval.baselines and main_variant == "cf":
-        results["CKF, text prompts"] = run_eval(cfg, ckf, tokenizer, cfg.eval.split, "text", rank, world, limit)
-    if "cf" in cfg.eval.baselines:
-        samples = load_samples(cfg.data.prepared_dir, cfg.eval.split, cfg.data.tasks)
-        if limit:
-            samples = cap_per_task(samples, limit)
-        results[f"CF ({cfg.cf.model})"] = evaluate_cf_baseline(cf, samples, cfg)
-    return {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()}
-            for k, r in results.items()}
+    def add(self, out, batch, grad_accum: int) -> None:
+        self.loss_sum += (out.task_loss.double() * out.task_tokens.double()).cpu()
+        self.tok_sum += out.task_tokens.double().cpu()
+        self.row_sum += torch.bincount(batch.task_ids.cpu(), minlength=len(TASKS)).double()
+        self.total_loss += float(out.loss.detach()) / grad_accum
+
+    def all_reduce(self, task_grads: torch.Tensor, world: int) -> StepStats:
+        """Sum losses, answer tokens, rows and the per-task shared-LoRA gradients over all ranks."""
+        n = len(TASKS)
+        stats = torch.cat([self.loss_sum, self.tok_sum, self.row_sum,
+                           torch.tensor([self.total_loss], dtype=torch.float64)])
+        dist.all_reduce(stats)
+        task_grads = task_grads.double().cpu()
+        dist.all_reduce(task_grads)
+        task_tokens = stats[n:2 * n]
+        grad_norms, cos = task_gradient_stats(task_grads, task_samples=stats[2 * n:3 * n])
+        return StepStats(loss=float(stats[-1]) / world, task_loss=stats[:n] / task_tokens.clamp_min(1),
+                         task_tokens=task_tokens, grad_norms=grad_norms, cos=cos)

@@ -23,7 +23,7 @@ def test_evaluate_run_matches_in_memory_model(tmp_path: Path) -> None:
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.export import export_task_adapters
     from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
-    from ckf_dist.train.loop import cap_per_task
+    from ckf_dist.eval.run import cap_per_task
 
     run = tmp_path / "run"
     cfg = load_config(None, [

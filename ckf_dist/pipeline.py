@@ -1,0 +1,144 @@
+"""The main job as stages, run in order on every rank (launched by `deepspeed`, torchrun, Slurm or Ray Train).
+Each stage takes and returns explicit artifacts and is skipped when its output is already there and current:
+
+  stage      writes (under log.run_dir)                 code                                   skipped when
+  prepare    data/: manifest.json, Parquet, shards       data/preprocess.py (rank 0, Ray Data)  manifest matches config
+  cf         cf/embeddings.safetensors, tb/cf            cf/train_cf.py (all ranks)             tables match the data
+  base       base_model/ (tiny Llama + tokenizer)        model/llm.py (rank 0)                  model.base_model, or built
+  finetune   checkpoints/, tb/ckf, metrics.jsonl         train/loop.py (ZeRO-3)                 resumes from a checkpoint
+  export     adapters/<task>/ (peft LoRA), fusion        train/export.py                        (always; seconds)
+  evaluate   metrics.json, report.md, plots/*.png        eval/run.py                            (always)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from ckf_dist.cf.export import CFEmbeddings, load_cf_embeddings
+from ckf_dist.config import RunConfig, save_config
+from ckf_dist.data.preprocess import prepare_data
+from ckf_dist.data.schema import manifest_sha256
+from ckf_dist.eval.run import evaluate_all, report, run_eval
+from ckf_dist.train.deepspeed_utils import init_distributed
+from ckf_dist.train.export import export_adapters
+from ckf_dist.train.loop import finetune, seed_everything
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The prepare stage's artifact: the prepared folder, its manifest and the manifest's sha256 (what the CF
+    tables and exported adapters are bound to)."""
+
+    dir: Path
+    manifest: dict[str, Any]
+    sha256: str
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Run every stage; returns the final metrics (identical on every rank; {} when a stop was requested)."""
+    rank, world = init_distributed(cfg)
+    run_dir = Path(cfg.log.run_dir)
+    seed_everything(cfg.train.seed)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    # Each rank's pid, so an operator (or a test) can find and signal a given rank.
+    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (run_dir / "pids" / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"[ckf] run dir {run_dir} | {world} rank(s) | tasks {cfg.data.tasks}")
+
+    data = prepare_stage(cfg, rank)
+    m = data.manifest
+    say(f"[ckf] data: {m['num_users']} users, {m['num_items']} items, prompts {m['counts']}")
+    cf = cf_stage(cfg, data)
+    say(f"[ckf] CF tables: users {tuple(cf.user.shape)}, items {tuple(cf.item.shape)}")
+    base_dir = base_model_stage(cfg, data, rank)
+
+    limit = cfg.eval.max_samples_per_task or 64
+    tuned = finetune(cfg, base_dir, cf, rank, world,
+                     validate=lambda model, tok: run_eval(cfg, model, tok, "valid", "cf", rank, world, limit))
+    if tuned.stopped:
+        return {}
+    export_adapters(tuned, run_dir / "adapters", base_dir, rank)
+    # CKF and the baselines on the same test samples.
+    results = evaluate_all(cfg, tuned.model, tuned.tokenizer, cf, rank, world)
+    if rank == 0:
+        report(run_dir, results, step=cfg.train.max_steps)
+    dist.barrier()
+    return results
+
+
+def prepare_stage(cfg: RunConfig, rank: int) -> PreparedData:
+    """Rank 0 prepares the data (Ray Data; a no-op when an up-to-date prepared folder exists); every rank then
+    reads the same manifest."""
+    prepared = Path(cfg.data.prepared_dir)
+    on_rank0_then_all(rank, lambda: prepare_data(cfg.data))
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    return PreparedData(prepared, manifest, manifest_sha256(prepared))
+
+
+def cf_stage(cfg: RunConfig, data: PreparedData) -> CFEmbeddings:
+    """The CF tables for this data, trained first (data-parallel over all ranks) when absent or stale."""
+    from ckf_dist.cf.train_cf import train_cf
+
+    path = cfg.cf_embeddings_path
+    fresh = [path.is_file()]
+    if fresh[0] and cfg.cf.embeddings_path is None:
+        # Our own export from an earlier run of this run dir: retrain if the data changed since.
+        try:
+            load_cf_embeddings(path, expected_manifest_sha=data.sha256)
+        except ValueError:
+            fresh[0] = False
+    dist.broadcast_object_list(fresh, src=0)
+    if not fresh[0]:
+        if cfg.cf.embeddings_path is not None:
+            raise FileNotFoundError(f"cf.embeddings_path={path} does not exist; unset it to train the CF model here")
+        train_cf(cfg)
+        dist.barrier()
+    # A user-provided table from other data is refused here with both checksums named.
+    return load_cf_embeddings(path, expected_manifest_sha=data.sha256)
+
+
+def base_model_stage(cfg: RunConfig, data: PreparedData, rank: int) -> Path:
+    """The folder the LLM loads from: model.base_model, or a tiny Llama + tokenizer built once on rank 0 from the
+    prepared data's own text into <run_dir>/base_model."""
+    if cfg.model.base_model is not None:
+        path = Path(cfg.model.base_model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.base_model={path}: no config.json there; point it at a Hugging Face "
+                                    f"model folder (e.g. a downloaded Llama-2-7b-hf)")
+        return path
+    out = Path(cfg.log.run_dir) / "base_model"
+    if rank == 0 and not (out / "config.json").is_file():
+        from ckf_dist.data.prompts import corpus_texts
+        from ckf_dist.model.llm import build_tiny_llm
+
+        tmp = out.with_name(".tmp-base_model")
+        build_tiny_llm(cfg.model.tiny, corpus_texts(data.dir), tmp, seed=cfg.train.seed)
+        tmp.rename(out)  # atomic: a crash mid-build never leaves a folder that looks complete
+    dist.barrier()
+    return out
+
+
+def on_rank0_then_all(rank: int, work: Callable[[], object]) -> None:
+    """Run `work` on rank 0 only, then release every rank (rank 0's failure is re-raised on every rank instead of
+    leaving them waiting)."""
+    err: list[str | None] = [None]
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - broadcast, then re-raise below
+            failure, err[0] = e, f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(err, src=0)
+    if failure is not None:
+        raise failure
+    if err[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {err[0]}")
