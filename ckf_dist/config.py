@@ -1,22 +1,24 @@
 """Typed configuration for every stage (data -> cf -> model -> train -> eval) and `load_config`.
 
 One YAML per experiment plus dotted overrides (`train.lr=2e-4`). Every problem -- unknown keys,
-wrong types, values out of range, contradictions between sections -- is collected and reported at
-once in a single `ConfigError`, each line naming the dotted key and what is allowed.
+wrong types (checked by pydantic, strictly), values out of range and contradictions between sections
+(each section's `problems()`) -- is collected and reported at once in a single `ConfigError`, each
+line naming the dotted key and what is allowed.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails, SchemaValidator, core_schema
 
 from ckf_dist.tasks import TASKS
 
@@ -385,6 +387,10 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
+    # Read by pydantic in config_from_dict and inherited by every section: an unknown key is an error and no value is
+    # coerced (true is no int, "1" is no number), except that an int is taken (as a float) for a float.
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)
+
     data: DataConfig = field(default_factory=DataConfig)
     cf: CFConfig = field(default_factory=CFConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -418,89 +424,62 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, collecting every problem
+# Building dataclasses from plain dicts: pydantic checks the types, every problem becomes one line
 # --------------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _yaml_friendly(schema: Any) -> Any:
+    """A copy of a strict pydantic core schema that takes what YAML and overrides give where strict mode would not.
+
+    Strict mode takes only an instance for a dataclass (YAML gives a dict) and only a list for a list (an override
+    like `eval.ks=1,5` gives a tuple; a set stays an error: its order is random). The values inside stay strict.
+    """
+    if isinstance(schema, list):
+        return [_yaml_friendly(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {k: _yaml_friendly(v) for k, v in schema.items()}
+    if schema.get("type") == "dataclass":
+        return {**schema, "strict": False}
+    if schema.get("type") == "list":
+        return core_schema.chain_schema([core_schema.is_instance_schema((list, tuple)), {**schema, "strict": False}])
+    return schema
 
 
-def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Check `value` against the annotation `tp`; return the (lightly coerced) value or record a problem."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key, problems)
-        for a in inner:
-            sub: list[str] = []
-            v = _coerce(value, a, key, sub)
-            if not sub:
-                return v
-        problems.append(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-        return value
-    if origin is Literal:
-        if value not in get_args(tp):
-            problems.append(f"{key}: expected one of {list(get_args(tp))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-            return value
-        (elem,) = get_args(tp) or (Any,)
-        return [_coerce(v, elem, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-            return value
-        _, vt = get_args(tp) or (Any, Any)
-        return {k: _coerce(v, vt, f"{key}.{k}", problems) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, problems)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{key}: expected bool (true/false), got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected int, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected float, got {type(value).__name__} {value!r}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{key}: expected str, got {type(value).__name__} {value!r}")
-        return value
-    return value
+_VALIDATOR = SchemaValidator(_yaml_friendly(TypeAdapter(RunConfig).core_schema))
+_EXPECTED = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool (true/false)",
+             "is_instance_of": "a list"}  # the only is-instance check is the one _yaml_friendly puts before a list
 
 
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'}: expected a mapping of {cls.__name__} fields, got {data!r}")
-        return cls()
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            problems.append(f"{prefix + '.' if prefix else ''}{k}: unknown key; {cls.__name__} has "
-                            f"{sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            key = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, problems)
-    return cls(**kwargs)
+def _annotation(loc: tuple[int | str, ...]) -> Any:
+    """The annotation at `loc` (field names and list indices below RunConfig), `X | None` read as X."""
+    tp: Any = RunConfig
+    for part in loc:
+        tp = get_args(tp)[0] if isinstance(part, int) else get_type_hints(tp)[part]
+        tp = next(a for a in get_args(tp) if a is not type(None)) if type(None) in get_args(tp) else tp
+    return tp
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """('data', 'tasks', 1) -> 'data.tasks[1]'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]
+
+
+def _problem(err: ErrorDetails) -> str:
+    """One pydantic error as one line with its dotted key, e.g. `train.lr: expected float, got str 'abc'`."""
+    loc, value, kind = err["loc"], err["input"], err["type"]
+    if kind in ("unexpected_keyword_argument", "invalid_key"):  # an unknown (or non-string) key of a section
+        cls = _annotation(loc[:-1])
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        return f"{_dotted((*loc[:-1], str(loc[-1])))}: unknown key; {cls.__name__} has {names}"
+    key = _dotted(loc)
+    if kind == "dataclass_type":
+        return f"{key or 'config'}: expected a mapping of {err['ctx']['class_name']} fields, got {value!r}"
+    if kind == "literal_error":
+        return f"{key}: expected one of {list(get_args(_annotation(loc)))}, got {value!r}"
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}"
+    return f"{key}: {err['msg']}"  # no such error is known to come from these field types; pydantic's own words
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -527,11 +506,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: str | None = None) -> RunConfig:
     """Build and validate a RunConfig; raise ConfigError listing every problem at once."""
-    problems: list[str] = []
-    cfg = _build(RunConfig, data, "", problems)
-    if not problems:  # range checks need well-typed values
-        problems += cfg.problems()
-    if problems:
+    try:
+        cfg = _VALIDATOR.validate_python(data)
+    except ValidationError as e:  # range checks need well-typed values, so they wait until these are fixed
+        raise ConfigError([_problem(err) for err in e.errors()], source) from None
+    if problems := cfg.problems():
         raise ConfigError(problems, source)
     return cfg
 

@@ -52,6 +52,24 @@ def test_literal_and_list_types_are_checked():
         load_config(None, ["eval.ks=[1, 'five']"])
 
 
+def test_types_are_strict_but_an_int_makes_a_float_and_a_tuple_a_list():
+    cfg = load_config(None, ["train.lr=1", "eval.ks=1,5"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.eval.ks == [1, 5]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.max_steps=True", "log.progress=1", "data.like_threshold='4'", "eval.ks={1, 5}",
+                           "data.synthetic.foo=1", "model.tiny=big", "train.precision=None"])
+    assert sorted(e.value.problems) == sorted([
+        "train.max_steps: expected int, got bool True",
+        "log.progress: expected bool (true/false), got int 1",
+        "data.like_threshold: expected float, got str '4'",
+        "eval.ks: expected a list, got set {1, 5}",
+        ("data.synthetic.foo: unknown key; SyntheticConfig has ['latent_dim', 'max_interactions', 'min_interactions', "
+         "'noise', 'num_items', 'num_users']"),
+        "model.tiny: expected a mapping of TinyLLMConfig fields, got 'big'",
+        "train.precision: expected one of ['fp32', 'bf16', 'fp16'], got None",
+    ])
+
+
 def test_overrides_parse_python_and_yaml_literals():
     assert parse_override("train.lr=2e-4") == ("train.lr", 2e-4)
     assert parse_override("data.tasks=[ctr,rating]") == ("data.tasks", ["ctr", "rating"])
