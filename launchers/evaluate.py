@@ -9,8 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckf_dist.cli import parse_run_args  # noqa: E402
-from ckf_dist.eval.run import evaluate_run  # noqa: E402
+from ckf_dist.cli import parse_run_args
+from ckf_dist.eval.run import evaluate_run
 
 if __name__ == "__main__":
     cfg = parse_run_args(prog="launchers/evaluate.py", description=__doc__)

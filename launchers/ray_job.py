@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckf_dist.cli import parse_run_args  # noqa: E402
+from ckf_dist.cli import parse_run_args
 
 
 def _worker(config: dict) -> None:

@@ -9,8 +9,8 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckf_dist.cli import parse_run_args  # noqa: E402
-from ckf_dist.pipeline import run_pipeline  # noqa: E402
+from ckf_dist.cli import parse_run_args
+from ckf_dist.pipeline import run_pipeline
 
 if __name__ == "__main__":
     cfg = parse_run_args(prog="launchers/train.py", description=__doc__)

@@ -31,8 +31,8 @@ def _destroy_process_group():
 
 
 _TINY_TEXTS = [
-    "User <|user_cf|> watched Blue River <|item_cf|>, Red Stone <|item_cf|>. Will the user like Green Hill "
-    "<|item_cf|>? Answer: Yes",
+    ("User <|user_cf|> watched Blue River <|item_cf|>, Red Stone <|item_cf|>. Will the user like Green Hill "
+     "<|item_cf|>? Answer: Yes"),
     "Rate Green Hill for the user. Answer: 4",
     "Which of these will the user pick next: Blue River, Red Stone, Green Hill? Answer: Red Stone",
     "Why would the user like Blue River? Answer: great sound and solid build, worth the price",

@@ -39,7 +39,7 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to `device` (non-blocking where possible)."""
         moved = {
             f.name: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
@@ -48,7 +48,7 @@ class Batch:
         }
         return Batch(**moved)
 
-    def select(self, rows: torch.Tensor) -> "Batch":
+    def select(self, rows: torch.Tensor) -> Batch:
         """The sub-batch of `rows` (a bool mask or index tensor over dim 0)."""
         idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
         out = {}

@@ -70,7 +70,10 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     header = ["task", "metric", "model", "overall", "warm", "cold"]
     rows = table_rows(results)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     out = [line(header), "  ".join("-" * w for w in widths)]
     prev_task = None
     for r in rows:
@@ -84,9 +87,9 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 def markdown_report(results: Mapping[str, Mapping[str, Any]], title: str = "Evaluation report") -> str:
     """One Markdown section per task: rows metric x model, columns overall / warm / cold."""
     lines = [f"# {title}", "",
-             f"Models: {', '.join(results)}. Each metric overall and for warm / cold users; {ABSENT} = absent "
-             "(no samples in the group, a single class, or a task the model cannot do). "
-             "BLEU / ROUGE on a 0-100 scale; top-K ties ranked pessimistically (target after equal scores).", ""]
+             (f"Models: {', '.join(results)}. Each metric overall and for warm / cold users; {ABSENT} = absent "
+              "(no samples in the group, a single class, or a task the model cannot do). "
+              "BLEU / ROUGE on a 0-100 scale; top-K ties ranked pessimistically (target after equal scores)."), ""]
     by_task: dict[str, list[list[str]]] = {}
     for row in table_rows(results):
         by_task.setdefault(row[0], []).append(row)

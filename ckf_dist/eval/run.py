@@ -69,7 +69,7 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
     cf = load_cf_embeddings(paths["cf"], expected_manifest_sha=manifest_sha256(paths["prepared"]))
     tokenizer = load_tokenizer(paths["base_model"])
     model = load_ckf_model(paths["base_model"], paths["adapters"], cf.user, cf.item, cfg.model, cfg.multi_lora)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     model.to(device)
     # Same model names, samples, caps and baselines as the evaluation at the end of training.
     results = evaluate_all(cfg, model, tokenizer, cf, rank, world)

@@ -198,11 +198,11 @@ class MultiLoRALinear(nn.Module):
         return routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task_ids, shared_weight, task_weight = self._check_forward_args(x)
+        _, shared_weight, task_weight = self._check_forward_args(x)
         out = self.base_layer(x)
         if self.shared is not None:
             x_d = self.shared_dropout(x)
-            h, z = self.shared(x_d)  # (B, ..., r), (B, ..., out); per-task gradient hooks attach here from outside
+            _, z = self.shared(x_d)  # (B, ..., r), (B, ..., out); per-task gradient hooks attach here from outside
             w = (self.shared_scaling if shared_weight is None
                  else _rows(shared_weight.to(z.dtype), z.dim()) * self.shared_scaling)
             out = out + z * w

@@ -37,7 +37,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -102,7 +102,7 @@ class StopRequest:
             except ValueError:  # not the main thread (e.g. inside some Ray workers): no signal-driven stop
                 pass
 
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+    def _handler(self, signum, frame) -> None:
         self.flag = True
 
     def requested(self) -> bool:

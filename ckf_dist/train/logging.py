@@ -26,7 +26,8 @@ class RunLogger:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tb = SummaryWriter(str(self.dir / "tb" / name))
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses nothing
+        # Line-buffered and open for the whole run (closed by close()): a crash loses nothing.
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
 
     def log_dict(self, scalars: dict[str, Any], step: int) -> None:
         clean = {k: float(v) for k, v in scalars.items() if v is not None and _finite(v)}

@@ -173,7 +173,7 @@ def warmup_linear_decay(cfg: RunConfig) -> Callable[[int], float]:
     this one reaches 1 / warm at step 0.
     """
     total = cfg.train.max_steps
-    warm = max(1, int(round(cfg.train.warmup_ratio * total)))
+    warm = max(1, round(cfg.train.warmup_ratio * total))
 
     def factor(step: int) -> float:
         if step < warm:

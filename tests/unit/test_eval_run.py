@@ -19,11 +19,10 @@ def test_evaluate_run_matches_in_memory_model(tmp_path: Path) -> None:
     from ckf_dist.data.prompts import corpus_texts, load_samples
     from ckf_dist.data.schema import manifest_sha256
     from ckf_dist.eval.evaluate import evaluate_model
-    from ckf_dist.eval.run import evaluate_run
+    from ckf_dist.eval.run import cap_per_task, evaluate_run
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.export import export_task_adapters
     from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
-    from ckf_dist.eval.run import cap_per_task
 
     run = tmp_path / "run"
     cfg = load_config(None, [

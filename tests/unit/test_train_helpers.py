@@ -1,5 +1,6 @@
 """Curriculum weight and task-mixture rule of the training loop (pure functions)."""
 
+import itertools
 import math
 
 import pytest
@@ -13,7 +14,7 @@ def test_curriculum_moves_from_text_to_cf():
     T = 100
     w = [curriculum_weight(z, T) for z in range(T + 1)]
     assert w[0] > 0.999 and abs(w[50] - 0.5) < 1e-12 and w[100] < 0.001
-    assert all(a >= b for a, b in zip(w, w[1:]))  # monotone
+    assert all(a >= b for a, b in itertools.pairwise(w))  # monotone
     assert math.isclose(w[25], 1 / (1 + math.exp(-4)))
     assert variants_for(w[0]) == ("text",) and variants_for(w[50]) == ("text", "cf") and variants_for(w[100]) == ("cf",)
     with pytest.raises(ValueError):
