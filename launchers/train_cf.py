@@ -26,7 +26,7 @@ def main() -> None:
     args, rest = p.parse_known_args()
     cfg = parse_run_args(rest, "launchers/train_cf.py", __doc__.splitlines()[0])
     if args.ray_workers:
-        from ckf_dist.cf.train_cf import run_ray_train
+        from ckf_dist.cf.ray_runner import run_ray_train
 
         print(json.dumps(run_ray_train(cfg, args.ray_workers), indent=2))
         return

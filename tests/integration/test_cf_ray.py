@@ -7,8 +7,9 @@ import torch
 
 from ckf_dist.cf.data import read_id_space, read_split
 from ckf_dist.cf.export import load_cf_embeddings
+from ckf_dist.cf.ray_runner import run_ray_train
 from ckf_dist.cf.synthetic import write_lowrank_prepared
-from ckf_dist.cf.train_cf import fit, run_ray_train
+from ckf_dist.cf.train_cf import fit
 from ckf_dist.config import load_config
 
 

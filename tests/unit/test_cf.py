@@ -15,8 +15,10 @@ from ckf_dist.cf.evaluate import all_item_ranks
 from ckf_dist.cf.export import CFEmbeddings, load_cf_embeddings, save_cf_embeddings
 from ckf_dist.cf.lightgcn import LightGCN, normalized_adjacency
 from ckf_dist.cf.mf import BPRMF, BiasedMF
+from ckf_dist.cf.sgd import NegativeSampler
+from ckf_dist.cf.solver import NonFiniteLossError
 from ckf_dist.cf.synthetic import write_lowrank_prepared
-from ckf_dist.cf.train_cf import NegativeSampler, NonFiniteLossError, fit, train_cf
+from ckf_dist.cf.train_cf import fit, train_cf
 from ckf_dist.config import CFConfig, load_config
 from ckf_dist.data.schema import interactions_path
 from ckf_dist.eval.metrics import rank_of_target
@@ -65,7 +67,7 @@ def test_mf_hand_gradient_matches_autograd(bias_wd):
 
 
 def test_adam_wrapper_matches_torch_adam():
-    from ckf_dist.cf.train_cf import _Adam
+    from ckf_dist.cf.sgd import _Adam
 
     a, b = (torch.nn.Parameter(torch.arange(6.0).reshape(2, 3)) for _ in range(2))
     ref = torch.optim.Adam([b], lr=0.1)
