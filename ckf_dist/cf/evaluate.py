@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ckf_dist.cf.data import Interactions
-from ckf_dist.eval.metrics import auc, hit_rate_at_k, mae, ndcg_at_k, rmse
+from ckf_dist.metrics import auc, hit_rate_at_k, mae, ndcg_at_k, rmse
 
 
 def user_groups(uid: torch.Tensor, train_counts: torch.Tensor, cold_threshold: int) -> dict[str, np.ndarray]:

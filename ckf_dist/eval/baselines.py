@@ -11,8 +11,8 @@ import torch
 
 from ckf_dist.config import RunConfig
 from ckf_dist.data.schema import PromptSample
-from ckf_dist.eval.metrics import rank_of_target
 from ckf_dist.eval.summary import check_topk_sample, task_metrics
+from ckf_dist.metrics import rank_of_target
 
 
 def evaluate_cf_baseline(cf: Any, samples: list[PromptSample], cfg: RunConfig) -> dict[str, float | None]:

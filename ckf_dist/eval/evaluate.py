@@ -207,7 +207,7 @@ def answer_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def rank_of(scores: torch.Tensor, target: int) -> int:
     """1-based rank of the target candidate; ties count against the target (see metrics.rank_of_target)."""
-    from ckf_dist.eval.metrics import rank_of_target
+    from ckf_dist.metrics import rank_of_target
 
     return rank_of_target(scores, target)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ckf_dist import metrics as M
 from ckf_dist.data.schema import PromptSample
-from ckf_dist.eval import metrics as M
 
 GROUPS: tuple[str, ...] = ("", "/warm", "/cold")
 """Key suffixes: all samples, warm users only, cold users only."""

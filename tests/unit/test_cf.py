@@ -21,7 +21,7 @@ from ckf_dist.cf.synthetic import write_lowrank_prepared
 from ckf_dist.cf.train_cf import fit, train_cf
 from ckf_dist.config import CFConfig, load_config
 from ckf_dist.data.schema import interactions_path
-from ckf_dist.eval.metrics import rank_of_target
+from ckf_dist.metrics import rank_of_target
 
 
 @pytest.fixture

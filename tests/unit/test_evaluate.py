@@ -18,7 +18,7 @@ from ckf_dist.eval.evaluate import (
     logits_at_answer,
     parse_rating,
 )
-from ckf_dist.eval.metrics import ndcg_at_k, rank_of_target
+from ckf_dist.metrics import ndcg_at_k, rank_of_target
 from ckf_dist.tasks import CTR_ANSWERS, RATING_ANSWERS
 from ckf_dist.testing.eval_samples import FakeCKF, eval_cfg, make_samples
 

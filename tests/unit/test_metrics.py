@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from ckf_dist.eval import metrics as M
+from ckf_dist import metrics as M
 from ckf_dist.eval.summary import task_metrics
 
 

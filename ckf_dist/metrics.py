@@ -1,4 +1,4 @@
-"""Metric functions of the four CKF tasks (CTR, rating, top-K, explanation), pure and stateless.
+"""Metric functions of the four CKF tasks (CTR, rating, top-K, explanation), pure and stateless; used by cf/ and eval/.
 
 Every function takes tensors / arrays / lists and returns a float, or None when the metric does not exist
 for its input (no samples, one class only): an absent metric is never reported as 0. Maintained libraries
