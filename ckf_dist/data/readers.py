@@ -327,7 +327,8 @@ def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[i
                     if not row:
                         continue
                     if len(row) != len(names):
-                        skips.add("wrong_field_count", path.name, line, f"expected {len(names)} fields, got {len(row)}",
+                        skips.add("wrong_field_count", path.name, line,
+                                  f"expected {len(names)} fields, got {len(row)}",
                                   text.encode("utf-8", "surrogateescape").decode("latin-1"))
                         continue
                     try:
