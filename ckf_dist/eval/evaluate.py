@@ -20,7 +20,6 @@ from ckf_dist.config import RunConfig
 from ckf_dist.data.batch import Batch
 from ckf_dist.data.collate import Collator, answer_token_ids
 from ckf_dist.data.schema import PromptSample
-from ckf_dist.eval.baselines import evaluate_cf_baseline  # noqa: F401 - re-exported: same harness, CF model alone
 from ckf_dist.eval.summary import check_topk_sample, task_metrics
 from ckf_dist.tasks import CTR_ANSWERS, RATING_ANSWERS, TASKS
 
@@ -94,7 +93,7 @@ class _Scorer:
     def __init__(self, model: Any, tokenizer: Any, cfg: RunConfig, variant: str, world: int) -> None:
         self.model, self.tok, self.cfg, self.variant, self.world = model, tokenizer, cfg, variant, world
         self.device = _model_device(model)
-        common = dict(max_length=cfg.model.max_length, history_len=cfg.data.history_len)
+        common = {"max_length": cfg.model.max_length, "history_len": cfg.data.history_len}
         # Scoring reads positions inside each row, so right padding keeps every row's positions 0..len-1;
         # generation continues after the last column, so its prompts are left-padded.
         self.score_rows = Collator(tokenizer, padding_side="right", with_answer=False, **common)
@@ -276,5 +275,4 @@ def _gather_predictions(local: dict[int, Any], n: int, world: int, task: str) ->
     return {"text": ordered}
 
 
-__all__ = ["evaluate_model", "evaluate_cf_baseline", "logits_at_answer", "answer_loglik", "parse_rating",
-           "decode_new_tokens"]
+__all__ = ["answer_loglik", "decode_new_tokens", "evaluate_model", "logits_at_answer", "parse_rating"]

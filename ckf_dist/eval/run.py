@@ -120,7 +120,7 @@ def cap_per_task(samples: list, limit: int) -> list:
 def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) -> dict[str, dict[str, Any]]:
     """CKF (CF-slot prompts) and the configured baselines on the same test samples; NaN metrics become None."""
     from ckf_dist.data.prompts import load_samples
-    from ckf_dist.eval.evaluate import evaluate_cf_baseline
+    from ckf_dist.eval.baselines import evaluate_cf_baseline
 
     limit = cfg.eval.max_samples_per_task
     main_variant = "text" if cfg.train.prompts == "text" else "cf"

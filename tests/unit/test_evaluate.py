@@ -10,10 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from ckf_dist.data.collate import Collator, answer_token_ids
+from ckf_dist.eval.baselines import evaluate_cf_baseline
 from ckf_dist.eval.evaluate import (
     answer_loglik,
     decode_new_tokens,
-    evaluate_cf_baseline,
     evaluate_model,
     logits_at_answer,
     parse_rating,
