@@ -202,13 +202,19 @@ class TinyLLMConfig:
     """Sizes of the locally built random Llama used when model.base_model is unset."""
 
     hidden_size: int = 64
+    """Model width (token embedding size)."""
     intermediate_size: int = 128
+    """Width of each MLP block."""
     num_layers: int = 2
+    """Decoder layers."""
     num_heads: int = 4
+    """Attention heads (hidden_size must be divisible by it)."""
     num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention; num_heads must be divisible by it)."""
     vocab_size: int = 2000
     """Target vocabulary of the BPE tokenizer trained on the dataset's own text."""
     max_position_embeddings: int = 1024
+    """Longest sequence the rotary position embedding is set up for (>= model.max_length)."""
     initializer_range: float | None = None
     """Std of the random weights; default 1.6 / sqrt(hidden_size). The LLM is frozen, so its random output head
     must be able to express confident predictions: with the usual 0.02 at hidden 64 the largest reachable logit
@@ -259,11 +265,15 @@ class MultiLoRAConfig:
     rank: int = 16
     """Rank of the shared adapter."""
     alpha: float = 64.0
+    """Scale of the shared adapter: its update is multiplied by alpha / rank (peft's lora_alpha)."""
     dropout: float = 0.1
+    """Dropout on the shared adapter's input."""
     task_rank: int = 16
     """Rank of every task-specific adapter."""
     task_alpha: float = 64.0
+    """Scale of the task adapters (task_alpha / task_rank)."""
     task_dropout: float = 0.1
+    """Dropout on the task adapters' input."""
     shared_targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "o_proj"])
     """Module-name suffixes that get the shared LoRA (paper code: k, v, o)."""
     task_targets: list[str] = field(default_factory=lambda: ["q_proj"])
