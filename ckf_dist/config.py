@@ -239,7 +239,8 @@ class TinyLLMConfig:
 @dataclass
 class ModelConfig:
     base_model: str | None = None
-    """Path of a Hugging Face causal-LM checkpoint (e.g. a Llama-2-7B folder). None: build the tiny model."""
+    """Path of a Hugging Face causal-LM checkpoint (e.g. a Llama-2-7B folder), or the name of a packaged model
+    (`smollm2-135m`: converted once into a cache folder, see ckf_dist/model/hub.py). None: build the tiny model."""
     tiny: TinyLLMConfig = field(default_factory=TinyLLMConfig)
     pooling: Literal["mean", "attention"] = "mean"
     """How the MetaNet pools the history item embeddings into p_u."""

@@ -4,7 +4,7 @@ Each stage takes and returns explicit artifacts and is skipped when its output i
   stage      writes (under log.run_dir)                 code                                   skipped when
   prepare    data/: manifest.json, Parquet, shards       data/preprocess.py (rank 0, Ray Data)  manifest matches config
   cf         cf/embeddings.safetensors, tb/cf            cf/train_cf.py (all ranks)             tables match the data
-  base       base_model/ (tiny Llama + tokenizer)        model/llm.py (rank 0)                  model.base_model, or built
+  base       base_model/ (tiny Llama + tokenizer)        model/llm.py, model/hub.py (rank 0)    model.base_model, or built
   finetune   checkpoints/, tb/ckf, metrics.jsonl         train/loop.py (ZeRO-3)                 resumes from a checkpoint
   export     adapters/<task>/ (peft LoRA), fusion        train/export.py                        (always; seconds)
   evaluate   metrics.json, report.md, plots/*.png        eval/run.py                            (always)
@@ -26,6 +26,7 @@ from ckf_dist.config import RunConfig, save_config
 from ckf_dist.data.preprocess import prepare_data
 from ckf_dist.data.schema import manifest_sha256
 from ckf_dist.eval.run import evaluate_all, report, run_eval
+from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
 from ckf_dist.train.loop import finetune, seed_everything
@@ -110,7 +111,11 @@ def base_model_stage(cfg: RunConfig, data: PreparedData, rank: int) -> Path:
     """The folder the LLM loads from: model.base_model, or a tiny Llama + tokenizer built once on rank 0 from the
     prepared data's own text into <run_dir>/base_model."""
     if cfg.model.base_model is not None:
-        path = Path(cfg.model.base_model)
+        if is_packaged(cfg.model.base_model):
+            # A packaged model (e.g. smollm2-135m) is converted once into its cache folder, on rank 0; the others
+            # wait and read the same folder (on several nodes the cache must be shared: CKF_DIST_CACHE).
+            on_rank0_then_all(rank, lambda: resolve_base_model(cfg.model.base_model))
+        path = resolve_base_model(cfg.model.base_model, convert=False)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.base_model={path}: no config.json there; point it at a Hugging Face "
                                     f"model folder (e.g. a downloaded Llama-2-7b-hf)")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ckf_dist.config import RunConfig
+from ckf_dist.model.hub import resolve_base_model
 
 
 def run_paths(cfg: RunConfig) -> dict[str, Path]:
@@ -21,7 +22,8 @@ def run_paths(cfg: RunConfig) -> dict[str, Path]:
     run_dir = Path(cfg.log.run_dir)
     return {
         "run_dir": run_dir,
-        "base_model": Path(cfg.model.base_model) if cfg.model.base_model else run_dir / "base_model",
+        "base_model": (resolve_base_model(cfg.model.base_model, convert=False) if cfg.model.base_model
+                       else run_dir / "base_model"),
         "adapters": run_dir / "adapters",
         "cf": cfg.cf_embeddings_path,
         "prepared": Path(cfg.data.prepared_dir),
