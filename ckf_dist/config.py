@@ -364,8 +364,10 @@ class EvalConfig:
     """Cap on test samples per task (0 = all)."""
     batch_size: int = 16
     split: Literal["valid", "test"] = "test"
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    """HR@K / NDCG@K cut-offs."""
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """HR@K / NDCG@K cut-offs. With the top-K task each must be < data.num_candidates: HR@K with K >= the number of
+    candidates is 1.0 whatever the model (the paper reports 1-of-10 accuracy, i.e. HR@1). The CF model's full
+    ranking over all items (train-cf) reports the same K."""
     max_new_tokens: int = 32
     """Explanation generation length."""
     num_beams: int = 1
@@ -422,6 +424,10 @@ class RunConfig:
         if self.model.max_length > self.model.tiny.max_position_embeddings and self.model.base_model is None:
             out.append(f"model.max_length ({self.model.max_length}) exceeds model.tiny.max_position_embeddings "
                        f"({self.model.tiny.max_position_embeddings})")
+        if "topk" in self.data.tasks and (bad := [k for k in self.eval.ks if k >= self.data.num_candidates]):
+            out.append(f"eval.ks has {bad} >= data.num_candidates ({self.data.num_candidates}): with that many "
+                       f"candidates HR@K is 1.0 for any model (NDCG@K no cut-off); use eval.ks values below "
+                       f"{self.data.num_candidates} or raise data.num_candidates")
         # Not a contradiction: with cf.model != 'mf', the rating task and the 'cf' baseline, a BPR model still
         # ranks; its rating baseline is reported as absent, not an error.
         return out

@@ -170,13 +170,13 @@ def test_train_cf_end_to_end_exports(prepared, tmp_path):
     cfg = load_config(None, [f"data.prepared_dir={prepared}", f"log.run_dir={tmp_path / 'run'}", "cf.model=lightgcn",
                              "cf.epochs=3", "cf.batch_size=64", "log.progress=False"])
     metrics = train_cf(cfg)
-    assert {"test/hr@10", "test/ndcg@10", "test/auc", "test/uauc", "test/hr@10/cold", "valid/ndcg@10"} <= set(metrics)
+    assert {"test/hr@5", "test/ndcg@5", "test/auc", "test/uauc", "test/hr@5/cold", "valid/ndcg@10"} <= set(metrics)
     sha = __import__("hashlib").sha256((prepared / "manifest.json").read_bytes()).hexdigest()
     e = load_cf_embeddings(cfg.cf_embeddings_path, expected_manifest_sha=sha)
     assert e.user.shape == (30, 8) and e.item.shape == (40, 8) and e.meta["model"] == "lightgcn"
     assert e.meta["idmap_sha256"] == read_id_space(prepared).checksum
     assert list((tmp_path / "run" / "tb" / "cf").glob("events.*"))
-    assert json.loads((tmp_path / "run" / "cf" / "metrics.json").read_text())["test/hr@10"] == metrics["test/hr@10"]
+    assert json.loads((tmp_path / "run" / "cf" / "metrics.json").read_text())["test/hr@5"] == metrics["test/hr@5"]
 
 
 def test_ids_outside_id_map_rejected(prepared):

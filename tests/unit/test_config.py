@@ -70,6 +70,16 @@ def test_types_are_strict_but_an_int_makes_a_float_and_a_tuple_a_list():
     ])
 
 
+def test_topk_cut_offs_must_be_below_the_number_of_candidates():
+    assert all(k < RunConfig().data.num_candidates for k in RunConfig().eval.ks)  # the defaults are informative
+    with pytest.raises(ConfigError, match=r"eval.ks has \[5, 7\] >= data.num_candidates \(5\).*HR@K is 1.0 for any "
+                                          r"model.*use eval.ks values below 5 or raise data.num_candidates"):
+        load_config(None, ["data.num_candidates=5", "eval.ks=[1,5,7]"])
+    assert load_config(None, ["data.num_candidates=5", "eval.ks=[1,4]"]).eval.ks == [1, 4]
+    # Without the top-K task no K is read against the candidates.
+    assert load_config(None, ["data.tasks=[ctr,rating]", "eval.ks=[10]"]).eval.ks == [10]
+
+
 def test_overrides_parse_python_and_yaml_literals():
     assert parse_override("train.lr=2e-4") == ("train.lr", 2e-4)
     assert parse_override("data.tasks=[ctr,rating]") == ("data.tasks", ["ctr", "rating"])

@@ -31,6 +31,7 @@ def test_evaluate_run_matches_in_memory_model(tmp_path: Path) -> None:
         "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=400",
         "model.max_length=192", "model.meta_hidden=16", "multi_lora.rank=2", "multi_lora.task_rank=2",
         "cf.dim=8", "eval.max_samples_per_task=6", "eval.batch_size=4", "eval.max_new_tokens=4",
+        "eval.ks=[1,3]",  # below data.num_candidates
     ])
     manifest = prepare_data(cfg.data, engine="local")
     build_tiny_llm(cfg.model.tiny, corpus_texts(cfg.data.prepared_dir), run / "base_model")

@@ -102,7 +102,7 @@ def test_evaluate_model_equals_per_sample_oracle(tiny_tokenizer) -> None:
             pl, n = int(b.prompt_lengths[0]), b.input_ids.shape[1]
             scores.append(sum(float(lp[t - 1, b.input_ids[0, t]]) for t in range(pl, n)) / (n - pl))
         ranks.append(rank_of_target(scores, int(s["label"])))
-    assert got["ndcg@10_topk"] == pytest.approx(ndcg_at_k(ranks, 10))
+    assert got["ndcg@3_topk"] == pytest.approx(ndcg_at_k(ranks, 3))  # eval.ks default; 4 candidates
     assert got["n_topk"] == len(ranks) and got["n_ctr/warm"] + got["n_ctr/cold"] == len(ctr)
 
     text = evaluate_model(model, tok, samples, eval_cfg(batch_size=3), variant="text")
@@ -169,5 +169,5 @@ def test_real_ckf_model_runs_every_task(tiny_llm, tiny_tokenizer) -> None:
     assert a["rmse_rating"] is not None and 0 <= a["mae_rating"] <= 4
     cfg.eval.batch_size = 1  # right padding keeps each row's answer position: batching does not change scores
     b = evaluate_model(model, tiny_tokenizer, samples, cfg, variant="cf")
-    for k in ("auc_ctr", "rmse_rating", "ndcg@10_topk", "bleu1_exp"):
+    for k in ("auc_ctr", "rmse_rating", "ndcg@3_topk", "bleu1_exp"):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
