@@ -361,7 +361,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     max_samples_per_task: int = 0
-    """Cap on test samples per task (0 = all)."""
+    """Cap on evaluation samples per task (0 = all): whole users in a random order seeded by data.seed, the same
+    subset for CKF and every baseline, on every rank and run (eval.run.cap_per_task); only a single user with more
+    samples than the cap is taken whole above it."""
     batch_size: int = 16
     split: Literal["valid", "test"] = "test"
     ks: list[int] = field(default_factory=lambda: [1, 3, 5])

@@ -6,6 +6,7 @@ Multi-LoRA) of a finished run directory from its exported adapters and the froze
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -93,13 +94,10 @@ def report(run_dir: Path, results: dict[str, dict[str, Any]], step: int = 0) -> 
 
 def run_eval(cfg: RunConfig, model, tokenizer, split: str, variant: str, rank: int, world: int,
              limit: int = 0) -> dict[str, Any]:
-    """Metrics of `model` on `split` with `variant` prompts ('cf' or 'text'), at most `limit` samples per task."""
-    from ckf_dist.data.prompts import load_samples
+    """Metrics of `model` on `split` with `variant` prompts ('cf' or 'text'), on `eval_samples(cfg, split, limit)`."""
     from ckf_dist.eval.evaluate import evaluate_model
 
-    samples = load_samples(cfg.data.prepared_dir, split, cfg.data.tasks)
-    if limit:
-        samples = cap_per_task(samples, limit)
+    samples = eval_samples(cfg, split, limit)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -108,20 +106,51 @@ def run_eval(cfg: RunConfig, model, tokenizer, split: str, variant: str, rank: i
     return metrics
 
 
-def cap_per_task(samples: list, limit: int) -> list:
-    """The first `limit` samples of each task (samples are sorted by key, so this is deterministic)."""
-    counts: dict[str, int] = {}
-    out = []
+def eval_samples(cfg: RunConfig, split: str, limit: int = 0) -> list:
+    """The samples every model is evaluated on: all of `split` for data.tasks, or with `limit` > 0 the seeded user
+    subset of `cap_per_task` (seed data.seed), so that CKF and each baseline see exactly the same samples."""
+    from ckf_dist.data.prompts import load_samples
+
+    samples = load_samples(cfg.data.prepared_dir, split, cfg.data.tasks)
+    return cap_per_task(samples, limit, seed=cfg.data.seed) if limit else samples
+
+
+def _user_order(seed: int, uid: int) -> bytes:
+    """A user's place in the seeded random order: a hash of (seed, uid), so that it does not depend on which other
+    users or tasks are present, nor on the Python process (no `hash()`, no global RNG)."""
+    return hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest()
+
+
+def cap_per_task(samples: list, limit: int, seed: int) -> list:
+    """A seeded random sample of users for each task: whole users, at most `limit` samples per task.
+
+    For each task, users are visited in a random order fixed by `seed` (the same on every rank and every run, and the
+    same order for every task, so a chosen user tends to be chosen for all of them) and each one's samples of that
+    task are taken whole while the total stays <= `limit`; the first user that does not fit ends the task (skipping
+    it for smaller users would favour light users), so a task may get up to one user's samples fewer than `limit`.
+    Only when the first user alone has more than `limit` samples is
+    the limit exceeded: that user is taken whole rather than leaving the task empty or splitting a user, so per-user
+    metrics (UAUC) always see whole users.
+
+    Returns:
+        the chosen samples, sorted by key like the input of `load_samples`.
+    """
+    by_task: dict[str, dict[int, list]] = {}
     for s in samples:
-        if counts.get(s["task"], 0) < limit:
-            counts[s["task"]] = counts.get(s["task"], 0) + 1
-            out.append(s)
-    return out
+        by_task.setdefault(s["task"], {}).setdefault(int(s["uid"]), []).append(s)
+    out = []
+    for users in by_task.values():
+        taken: list = []
+        for uid in sorted(users, key=lambda u: (_user_order(seed, u), u)):
+            if taken and len(taken) + len(users[uid]) > limit:
+                break
+            taken += users[uid]
+        out += taken
+    return sorted(out, key=lambda s: s["key"])
 
 
 def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) -> dict[str, dict[str, Any]]:
     """CKF (CF-slot prompts) and the configured baselines on the same test samples; NaN metrics become None."""
-    from ckf_dist.data.prompts import load_samples
     from ckf_dist.eval.baselines import evaluate_cf_baseline
 
     limit = cfg.eval.max_samples_per_task
@@ -131,9 +160,6 @@ def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) ->
     if "text" in cfg.eval.baselines and main_variant == "cf":
         results["CKF, text prompts"] = run_eval(cfg, model, tokenizer, cfg.eval.split, "text", rank, world, limit)
     if "cf" in cfg.eval.baselines:
-        samples = load_samples(cfg.data.prepared_dir, cfg.eval.split, cfg.data.tasks)
-        if limit:
-            samples = cap_per_task(samples, limit)
-        results[f"CF ({cfg.cf.model})"] = evaluate_cf_baseline(cf, samples, cfg)
+        results[f"CF ({cfg.cf.model})"] = evaluate_cf_baseline(cf, eval_samples(cfg, cfg.eval.split, limit), cfg)
     return {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()}
             for k, r in results.items()}

@@ -16,10 +16,10 @@ from ckf_dist.config import load_config
 def test_evaluate_run_matches_in_memory_model(tmp_path: Path) -> None:
     from ckf_dist.cf.export import save_cf_embeddings
     from ckf_dist.data.preprocess import prepare_data
-    from ckf_dist.data.prompts import corpus_texts, load_samples
+    from ckf_dist.data.prompts import corpus_texts
     from ckf_dist.data.schema import manifest_sha256
     from ckf_dist.eval.evaluate import evaluate_model
-    from ckf_dist.eval.run import cap_per_task, evaluate_run
+    from ckf_dist.eval.run import eval_samples, evaluate_run
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.export import export_task_adapters
     from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
@@ -50,7 +50,7 @@ def test_evaluate_run_matches_in_memory_model(tmp_path: Path) -> None:
     export_task_adapters(model, run / "adapters", str(run / "base_model"))
 
     results = evaluate_run(cfg)
-    samples = cap_per_task(load_samples(cfg.data.prepared_dir, "test", cfg.data.tasks), 6)
+    samples = eval_samples(cfg, "test", 6)
     want = evaluate_model(model, tok, samples, cfg, "cf")
     got = results["CKF"]
     assert set(got) == set(want)
