@@ -90,6 +90,10 @@ class ColumnMap:
     """Optional review-text column (needed for the explanation task)."""
     title: str | None = None
     """Optional item-title column."""
+    label: str | None = None
+    """Optional 0/1 feedback column (clicks, implicit feedback) used instead of `rating`: 1 = a positive
+    interaction (an interaction the CF model trains on, shown as "liked"), 0 = an explicit negative (a CTR "No"
+    sample in place of sampled negatives; never an interaction). Any other value, or only one class, is an error."""
 
 
 @dataclass
@@ -102,6 +106,11 @@ class DataConfig:
     """Optional Amazon metadata file (JSON lines with asin + title) for readable item titles."""
     columns: ColumnMap = field(default_factory=ColumnMap)
     """Column mapping for source='table'."""
+    valid_path: str | None = None
+    """source='table': a predefined validation file (same columns as `path`). Set with `test_path`; `path` is then
+    the training file, the only one the CF model and every prompt history see, instead of leave-last-out."""
+    test_path: str | None = None
+    """source='table': a predefined test file (same columns as `path`); see `valid_path`."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     prepared_dir: str = "runs/data"
     """Where the prepared interactions, id maps, prompt shards and manifest are written/read."""
@@ -150,6 +159,14 @@ class DataConfig:
         out += _out_of_range(p, self, ">= 0", "ctr_negatives", "cold_threshold", "k_core", "train_windows_per_user")
         if not 1.0 <= self.like_threshold <= 5.0:
             out.append(f"{p}.like_threshold must be within the rating scale [1, 5], got {self.like_threshold}")
+        if self.source != "table" and (self.valid_path or self.test_path or self.columns.label):
+            out.append(f"{p}.valid_path / {p}.test_path / {p}.columns.label need {p}.source='table', got "
+                       f"{self.source!r}")
+        if bool(self.valid_path) != bool(self.test_path):
+            out.append(f"{p}.valid_path and {p}.test_path must be set together (predefined train/valid/test files)")
+        if self.columns.label and "rating" in self.tasks:
+            out.append(f"{p}.tasks contains 'rating' but {p}.columns.label={self.columns.label!r} is 0/1 feedback "
+                       f"with no rating scale; drop 'rating' from {p}.tasks")
         return out
 
 

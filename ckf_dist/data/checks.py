@@ -8,18 +8,19 @@ or a CF-slot prompt whose slots do not line up with `slot_items`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from ckf_dist.data.prompts import load_samples, to_text_variant
-from ckf_dist.data.schema import SPLITS, PromptSample, interactions_path
+from ckf_dist.data.schema import MANIFEST, NEGATIVES, SPLITS, PromptSample, interactions_path
 from ckf_dist.tasks import ITEM_SLOT, USER_SLOT
 
 
 def _interactions(prepared_dir: Path) -> dict[str, dict[int, dict[int, int]]]:
-    """split -> uid -> {iid: ts}."""
+    """split -> uid -> {iid: ts}; with explicit negatives (data.columns.label) also 'neg/<split>' -> the same."""
     out: dict[str, dict[int, dict[int, int]]] = {}
     for sp in SPLITS:
         t = pq.read_table(interactions_path(prepared_dir, sp), columns=["uid", "iid", "ts"])
@@ -27,14 +28,34 @@ def _interactions(prepared_dir: Path) -> dict[str, dict[int, dict[int, int]]]:
         for u, i, ts in zip(t["uid"].to_numpy(), t["iid"].to_numpy(), t["ts"].to_numpy()):
             d.setdefault(int(u), {})[int(i)] = int(ts)
         out[sp] = d
+    neg_path = interactions_path(prepared_dir, NEGATIVES)
+    if neg_path.is_file():
+        t = pq.read_table(neg_path)
+        for sp in SPLITS:
+            out[f"neg/{sp}"] = {}
+        for u, i, ts, c in zip(*(t[k].to_numpy() for k in ("uid", "iid", "ts", "split"))):
+            out[f"neg/{SPLITS[int(c)]}"].setdefault(int(u), {})[int(i)] = int(ts)
     return out
+
+
+def _predefined(prepared_dir: Path) -> bool:
+    """Whether the dataset came from predefined train/valid/test files (data.valid_path / data.test_path)."""
+    m = prepared_dir / MANIFEST
+    return m.is_file() and json.loads(m.read_text()).get("split") == "predefined files"
 
 
 def split_problems(prepared_dir: str | Path) -> list[str]:
     """The split is leave-last-out: one valid and one test item per user, both later than every train item,
-    test not earlier than valid, and the three splits disjoint."""
+    test not earlier than valid, and the three splits disjoint. With predefined split files only the last holds:
+    the splits are whatever the files say, but no held-out item of a user is also one of their training items."""
     inter = _interactions(Path(prepared_dir))
     out = []
+    if _predefined(Path(prepared_dir)):
+        for u, tr in inter["train"].items():
+            va, te = inter["valid"].get(u, {}), inter["test"].get(u, {})
+            if (set(va) | set(te)) & set(tr) or set(va) & set(te):
+                out.append(f"user {u}: a held-out item also appears in train (or in both valid and test)")
+        return out
     for u, tr in inter["train"].items():
         va, te = inter["valid"].get(u, {}), inter["test"].get(u, {})
         if len(va) != 1 or len(te) != 1:
@@ -76,6 +97,12 @@ def sample_problems(s: PromptSample, inter: dict[str, dict[int, dict[int, int]]]
     if s["task"] == "ctr":
         if s["label"] == 0.0 and not positive and s["item"] in everything:
             out.append(f"{k}: sampled negative {s['item']} is an item user {u} interacted with")
+        if (explicit := inter.get(f"neg/{s['split']}")) is not None and s["label"] == 0.0:
+            neg_ts = explicit.get(u, {}).get(s["item"])
+            if neg_ts is None:
+                out.append(f"{k}: CTR 'No' about item {s['item']} that is not a 0-labelled {s['split']} row of user {u}")
+            elif s["history"] and max(train.get(h, -1) for h in s["history"]) >= neg_ts:
+                out.append(f"{k}: history is not strictly before the explicit negative at t={neg_ts}")
         if s["label"] == 1.0 and not positive:
             out.append(f"{k}: positive CTR sample about item {s['item']} the user did not interact with in "
                        f"{s['split']}")

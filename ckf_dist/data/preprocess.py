@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from ckf_dist.config import DataConfig
 from ckf_dist.data.prompts import display_title
 from ckf_dist.data.readers import RawData, read_raw
-from ckf_dist.data.samples import BUILDERS, BuildContext, task_rng, user_targets
-from ckf_dist.data.schema import ITEMS, MANIFEST, SCHEMA_VERSION, SPLITS, USERS, interactions_path
+from ckf_dist.data.samples import BUILDERS, BuildContext, negative_targets, task_rng, user_targets
+from ckf_dist.data.schema import ITEMS, MANIFEST, NEGATIVES, SCHEMA_VERSION, SPLITS, USERS, interactions_path
 from ckf_dist.data.shards import dumps_sample, write_task_shards
 from ckf_dist.data.skips import SkipReport
 
@@ -120,6 +120,113 @@ def assign_ids_and_splits(table: pa.Table, min_per_user: int, skips: SkipReport)
     return t.drop_columns(["seq"]), users, items
 
 
+def _check_known_users(table: pa.Table, users: pa.Array, files: list[str]) -> None:
+    """Raise if a valid/test row (split 1/2) belongs to a user without a row in the training file."""
+    held = table.filter(pc.not_equal(table["split"], 0))
+    unknown = held.filter(pc.invert(pc.is_in(held["user"], users)))
+    if unknown.num_rows:
+        sp = int(unknown["split"][0].as_py())
+        raise ValueError(f"{files[sp]}: {unknown.num_rows} valid/test rows of {len(pc.unique(unknown['user']))} "
+                         f"users that have no positive row in the training file {files[0]} (e.g. user "
+                         f"{unknown['user'][0].as_py()!r}); the CF model and every prompt history know a user only "
+                         f"from the training file: add those users' earlier interactions to it, or drop their rows")
+
+
+def assign_given_splits(table: pa.Table, files: list[str], skips: SkipReport) -> tuple[pa.Table, list[str],
+                                                                                      list[str]]:
+    """Contiguous ids from the training file's rows, and the split each row's file gives (data.valid_path/test_path).
+
+    The id maps hold exactly the users and items of the training file, the only rows the CF model trains on. A
+    valid/test row of an item the training file lacks (a cold item: no trained CF vector) is dropped and counted
+    as 'cold_item_not_in_train'.
+
+    Args:
+        table: rows with a `split` column (0/1/2 = the train/valid/test file).
+        files: the train, valid and test file names (for error messages).
+        skips: the skip report.
+
+    Returns:
+        As assign_ids_and_splits, the table sorted by (uid, split, ts, seq) instead.
+
+    Raises:
+        ValueError: valid/test rows of users the training file lacks (naming the file, the count and an example).
+    """
+    train = table.filter(pc.equal(table["split"], 0))
+    users = sorted(pc.unique(train["user"]).to_pylist())
+    items = sorted(pc.unique(train["item"]).to_pylist())
+    ua, ia = pa.array(users, pa.string()), pa.array(items, pa.string())
+    _check_known_users(table, ua, files)
+    cold = pc.invert(pc.is_in(table["item"], ia))
+    if (n := int(pc.sum(cold.cast(pa.int64())).as_py() or 0)) > 0:
+        first = table.filter(cold).slice(0, 1).to_pylist()[0]
+        skips.add("cold_item_not_in_train", files[int(first["split"])], None,
+                  f"{n} valid/test rows of items the training file lacks (no trained CF vector)",
+                  f"user={first['user']} item={first['item']}", n=n)
+        table = table.filter(pc.invert(cold))
+    t = pa.table({"uid": pc.index_in(table["user"], ua).cast(pa.int32()),
+                  "iid": pc.index_in(table["item"], ia).cast(pa.int32()),
+                  "rating": table["rating"].cast(pa.float32()), "ts": table["ts"], "review": table["review"],
+                  "split": table["split"].cast(pa.int8()), "seq": table["seq"]})
+    t = t.sort_by([("uid", "ascending"), ("split", "ascending"), ("ts", "ascending"), ("seq", "ascending")])
+    u = t["uid"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    ends = np.r_[starts[1:], len(u)]
+    pos = np.arange(len(u)) - np.repeat(starts, ends - starts)
+    t = t.append_column("pos", pa.array(pos.astype(np.int32)))
+    return t.drop_columns(["seq"]), users, items
+
+
+def place_negatives(neg: pa.Table, pos: pa.Table, users: list[str], items: list[str], files: list[str] | None,
+                    skips: SkipReport) -> pa.Table:
+    """The 0-labelled rows in the id space of the positives, each with a split, as builder rows (neg=True).
+
+    A negative needs a known user (a history, a CF vector) and a known item; the others are dropped and counted
+    ('negative_user_without_positive', 'negative_item_without_positive', with predefined files
+    'negative_item_not_in_train'). Under leave-last-out a negative takes the
+    split of the user's first positive at or after its time (what was shown up to a click belongs with that
+    click): train up to the last training positive, then valid up to the valid positive, test after it. With
+    predefined files (`files` given) it stays in its file's split.
+
+    Args:
+        neg: the raw 0-labelled rows (after dedup).
+        pos: the positives as assign_ids_and_splits / assign_given_splits returned them.
+        users, items: their raw id lists.
+        files: the train/valid/test file names with predefined splits, else None.
+        skips: the skip report.
+
+    Raises:
+        ValueError: with predefined files, valid/test negatives of users the training file lacks.
+    """
+    ua, ia = pa.array(users, pa.string()), pa.array(items, pa.string())
+    if files is not None:
+        _check_known_users(neg, ua, files)
+    item_reason = "negative_item_without_positive" if files is None else "negative_item_not_in_train"
+    for reason, col, known in (("negative_user_without_positive", "user", ua), (item_reason, "item", ia)):
+        bad = pc.invert(pc.is_in(neg[col], known))
+        if (n := int(pc.sum(bad.cast(pa.int64())).as_py() or 0)) > 0:
+            first = neg.filter(bad).slice(0, 1).to_pylist()[0]
+            skips.add(reason, "interactions", None, f"0-labelled rows whose {col} has no kept positive row",
+                      f"user={first['user']} item={first['item']}", n=n)
+            neg = neg.filter(pc.invert(bad))
+    uid = pc.index_in(neg["user"], ua).cast(pa.int32())
+    ts = neg["ts"].to_numpy()
+    if files is not None:
+        split = neg["split"].to_numpy().astype(np.int8)
+    else:  # by time against the user's positives (each user has one valid and one test positive here)
+        last_train, valid_ts = np.zeros(len(users), dtype=np.int64), np.zeros(len(users), dtype=np.int64)
+        train = pos.filter(pc.equal(pos["split"], 0))
+        np.maximum.at(last_train, train["uid"].to_numpy(), train["ts"].to_numpy())
+        valid = pos.filter(pc.equal(pos["split"], 1))
+        valid_ts[valid["uid"].to_numpy()] = valid["ts"].to_numpy()
+        u = uid.to_numpy()
+        split = np.where(ts <= last_train[u], 0, np.where(ts <= valid_ts[u], 1, 2)).astype(np.int8)
+    return pa.table({"uid": uid, "iid": pc.index_in(neg["item"], ia).cast(pa.int32()),
+                     "rating": pa.array(np.zeros(neg.num_rows, dtype=np.float32)), "ts": neg["ts"],
+                     "review": neg["review"], "split": pa.array(split, pa.int8()),
+                     "pos": pa.array(np.full(neg.num_rows, -1, dtype=np.int32)),
+                     "neg": pa.array(np.ones(neg.num_rows, dtype=bool))})
+
+
 # --------------------------------------------------------------------------------------------------
 # The per-user sample builder (runs inside Ray Data map_batches; a plain function, testable alone)
 # --------------------------------------------------------------------------------------------------
@@ -133,22 +240,31 @@ def build_user_samples(batch: pa.Table, ctx: BuildContext) -> pa.Table:
     """
     uids, iids, ratings, stamps, splits = (batch[c].to_numpy() for c in ("uid", "iid", "rating", "ts", "split"))
     reviews = batch["review"].to_pylist() if "exp" in ctx.tasks else None
+    negs = batch["neg"].to_numpy(zero_copy_only=False) if "neg" in batch.column_names else None
     out: dict[str, list] = {name: [] for name in SAMPLE_SCHEMA.names}
     notes: Counter[tuple[str, int]] = Counter()
     starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]])
     unseen = np.ones(ctx.num_items, dtype=bool)
     for s, e in zip(starts, np.r_[starts[1:], len(uids)]):
         uid = int(uids[s])
-        is_cold = bool(int((splits[s:e] == 0).sum()) <= ctx.cold_threshold)
-        unseen[iids[s:e]] = False
+        # The user's positive rows (all of them unless the table has explicit negatives, data.columns.label).
+        sel: slice | np.ndarray = slice(s, e) if negs is None else s + np.flatnonzero(~negs[s:e])
+        is_cold = bool(int((splits[sel] == 0).sum()) <= ctx.cold_threshold)
+        unseen[iids[sel]] = False
         pool = np.flatnonzero(unseen)  # items this user never interacted with (any split)
-        unseen[iids[s:e]] = True
-        targets = user_targets(iids[s:e], ratings[s:e], stamps[s:e], splits[s:e],
-                               reviews[s:e] if reviews is not None else None, uid, ctx)
+        unseen[iids[sel]] = True
+        user_reviews = None if reviews is None else reviews[s:e] if negs is None else [reviews[k] for k in sel]
+        targets = user_targets(iids[sel], ratings[sel], stamps[sel], splits[sel], user_reviews, uid, ctx)
+        if negs is not None:
+            nsel = s + np.flatnonzero(negs[s:e])
+            targets += negative_targets(iids[sel], ratings[sel], stamps[sel], splits[sel], iids[nsel], stamps[nsel],
+                                        splits[nsel], uid, ctx)
         for task in ctx.tasks:
             # The generator is drawn from in target order; counts[split] numbers the user's samples (the key's n).
             rng, counts = task_rng(ctx.seed, uid, task), dict.fromkeys(SPLITS, 0)
             for t in targets:
+                if t.negative and task != "ctr":  # an explicit negative is only ever a CTR "No"
+                    continue
                 built = BUILDERS[task](t, pool, rng, ctx)
                 if built.note:
                     notes[(built.note, uid)] += 1
@@ -182,7 +298,8 @@ def build_samples(table: pa.Table, ctx: BuildContext, engine: str = "ray", num_b
 
     Both give the same rows in the same canonical order (sorted by split, task, uid, n).
     """
-    cols = table.select(["uid", "iid", "rating", "ts", "review", "split"])
+    cols = table.select(["uid", "iid", "rating", "ts", "review", "split"] + (["neg"] if "neg" in table.column_names
+                                                                            else []))
     blocks = _user_blocks(cols, num_blocks)
     if engine == "local":
         parts = [build_user_samples(b, ctx) for b in blocks]
@@ -249,6 +366,11 @@ def config_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     for k in ("prepared_dir", "ray_num_cpus", "ray_object_store_mb"):
         d.pop(k)
+    for k in ("valid_path", "test_path"):  # newer fields: left out while unset, so older manifests stay current
+        if d[k] is None:
+            d.pop(k)
+    if d["columns"]["label"] is None:
+        d["columns"].pop("label")
     if cfg.source != "synthetic":
         d.pop("synthetic")
     return d
@@ -258,7 +380,8 @@ def _input_fingerprint(cfg: DataConfig) -> dict[str, str]:
     if cfg.source == "synthetic":
         return {}
     paths = [Path(p) for p in (cfg.path, cfg.metadata_path) if p]
-    out = {}
+    out = {f"{sp}:{Path(p).name}": _sha256(Path(p)) for sp, p in (("valid", cfg.valid_path), ("test", cfg.test_path))
+           if p and Path(p).is_file()}
     for p in paths:
         files = [p] if p.is_file() else sorted(x for x in p.glob("*") if x.is_file()) if p.is_dir() else []
         for f in files:
@@ -343,13 +466,36 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
     if "exp" in cfg.tasks and not raw.has_reviews:
         raise ValueError(f"data.tasks contains 'exp' but {where} has no review text (for source='table' set "
                          f"data.columns.review); drop 'exp' from data.tasks")
-    table = dedup_latest(raw.interactions, skips)
+    table = dedup_latest(raw.interactions, skips)  # the latest of a (user, item) pair wins, whatever its label
+    split_files = None
+    if "split" in table.column_names:  # predefined train / valid / test files: every held-out user must be known
+        split_files = [str(cfg.path), str(cfg.valid_path), str(cfg.test_path)]
+        known = pc.equal(table["split"], 0)
+        if "label" in table.column_names:
+            known = pc.and_(known, pc.equal(table["label"], 1))
+        _check_known_users(table, pc.unique(table.filter(known)["user"]), split_files)
+    negatives = None
+    if "label" in table.column_names:  # 0/1 feedback: positives are the interactions, 0s explicit CTR negatives
+        is_pos = pc.equal(table["label"], 1)
+        negatives, table = table.filter(pc.invert(is_pos)), table.filter(is_pos)
     table = k_core(table, cfg.k_core, skips)
     if table.num_rows == 0:
         raise ValueError(f"{where}: nothing left after {cfg.k_core}-core filtering; lower data.k_core")
-    table, users, items = assign_ids_and_splits(table, 3, skips)
-    if table.num_rows == 0:
-        raise ValueError(f"{where}: no user has the 3 interactions leave-last-out needs (train, valid, test)")
+    if split_files is not None:
+        if not pc.any(pc.equal(table["split"], 0)).as_py():
+            raise ValueError(f"{cfg.path}: the training file has no positive interaction left ({skips.summary()})")
+        table, users, items = assign_given_splits(table, split_files, skips)
+    else:
+        table, users, items = assign_ids_and_splits(table, 3, skips)
+        if table.num_rows == 0:
+            raise ValueError(f"{where}: no user has the 3 interactions leave-last-out needs (train, valid, test)")
+    build_table = table
+    neg_table = None
+    if negatives is not None:
+        neg_table = place_negatives(negatives, table, users, items, split_files, skips)
+        build_table = pa.concat_tables([table.append_column("neg", pa.array(np.zeros(table.num_rows, dtype=bool))),
+                                        neg_table])
+        build_table = build_table.sort_by([("uid", "ascending"), ("split", "ascending"), ("ts", "ascending")])
 
     titles = unique_titles(items, raw.titles)
     split = table["split"].to_numpy()
@@ -371,14 +517,17 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(part, path)
         inter_counts[name] = part.num_rows
+    if neg_table is not None:
+        pq.write_table(neg_table.select(["uid", "iid", "ts", "split"]), interactions_path(root, NEGATIVES))
 
     ctx = BuildContext(num_items=len(items), titles=titles, tasks=list(cfg.tasks), seed=cfg.seed,
                        history_len=cfg.history_len, like_threshold=cfg.like_threshold,
                        ctr_negatives=cfg.ctr_negatives, num_candidates=cfg.num_candidates,
                        max_explanation_words=cfg.max_explanation_words,
-                       train_windows_per_user=cfg.train_windows_per_user, cold_threshold=cfg.cold_threshold)
+                       train_windows_per_user=cfg.train_windows_per_user, cold_threshold=cfg.cold_threshold,
+                       explicit_negatives=neg_table is not None)
     num_blocks = max(2, min(4 * (os.cpu_count() or 1), len(users) // 50))
-    samples = build_samples(table, ctx, engine, num_blocks=num_blocks,
+    samples = build_samples(build_table, ctx, engine, num_blocks=num_blocks,
                             ray_num_cpus=cfg.ray_num_cpus, ray_object_store_mb=cfg.ray_object_store_mb)
     is_note = pc.equal(samples["split"], "")
     notes = samples.filter(is_note)
@@ -425,5 +574,10 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
         "inputs": inputs,
         "files": files,
     }
+    if neg_table is not None:  # only for 0/1 tables, so that every other manifest keeps its bytes
+        nsplit = neg_table["split"].to_numpy()
+        manifest["explicit_negatives"] = {sp: int((nsplit == c).sum()) for c, sp in enumerate(SPLITS)}
+    if split_files is not None:
+        manifest["split"] = "predefined files"
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest

@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,11 @@ RAW_SCHEMA = pa.schema([("user", pa.string()), ("item", pa.string()), ("rating",
 """Reader output: raw ids as strings, rating in [1, 5], unix seconds, review ('' if none), seq = input order."""
 
 RATING_MIN, RATING_MAX = 1.0, 5.0
+
+LABEL_RATING = {1: RATING_MAX, 0: RATING_MIN}
+"""data.columns.label: a 0/1 label is stored as the ends of the rating scale, so that every rating rule reads it
+the least surprising way (1 = the top rating, "liked" at any data.like_threshold; 0 = the bottom, "not liked").
+The raw table then also carries `label` (int8), `split` (int8, predefined splits only) after RAW_SCHEMA's columns."""
 
 
 @dataclass
@@ -61,11 +67,14 @@ class _Rows:
         self.ts.append(ts)
         self.review.append(review)
 
-    def table(self) -> pa.Table:
-        return pa.table({"user": pa.array(self.user, pa.string()), "item": pa.array(self.item, pa.string()),
-                         "rating": pa.array(self.rating, pa.float64()), "ts": pa.array(self.ts, pa.int64()),
-                         "review": pa.array(self.review, pa.string()),
-                         "seq": pa.array(np.arange(len(self.user), dtype=np.int64))}, schema=RAW_SCHEMA)
+    def table(self, with_label: bool = False) -> pa.Table:
+        t = pa.table({"user": pa.array(self.user, pa.string()), "item": pa.array(self.item, pa.string()),
+                      "rating": pa.array(self.rating, pa.float64()), "ts": pa.array(self.ts, pa.int64()),
+                      "review": pa.array(self.review, pa.string()),
+                      "seq": pa.array(np.arange(len(self.user), dtype=np.int64))}, schema=RAW_SCHEMA)
+        if with_label:  # one label per kept row: the row's rating is LABEL_RATING[label]
+            t = t.append_column("label", pa.array([1 if r == RATING_MAX else 0 for r in self.rating], pa.int8()))
+        return t
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -344,21 +353,37 @@ def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[i
     return names, csv_rows()
 
 
-def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
-    """A Parquet/CSV interaction table whose columns are named by `columns` (data.columns).
+def _parse_label(value: object) -> int | None:
+    """0 or 1 from 0/1, '0'/'1', 0.0/1.0, '0.0'/'1.0' or a bool; None for anything else."""
+    if isinstance(value, bool):
+        return int(value)
+    try:
+        f = float(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f in (0.0, 1.0) else None
 
-    `items_path` (data.metadata_path) may name a second table with columns `columns.item` and
-    `columns.title or 'title'` giving item titles; else titles come from `columns.title` in the interaction
-    table, else "item <id>".
 
-    Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: a mapped column is absent (naming it and the columns that exist).
-    """
-    path = _require_file(Path(path), "interaction table")
-    skips = SkipReport()
+def _class_error(where: str, column: str, n0: int, n1: int) -> ValueError:
+    return ValueError(f"{where}: column {column!r} (data.columns.label) holds one class only ({n1} rows labelled 1, "
+                      f"{n0} labelled 0); 0/1 feedback needs positives (1) and explicit negatives (0). For "
+                      f"positives only, map a rating column instead (data.columns.rating)")
+
+
+@dataclass
+class _TableRows:
+    """What one interaction file gave: its rows, titles from its title column, and its label counts."""
+
+    rows: _Rows
+    titles: dict[str, str]
+    labels: Counter[int]
+
+
+def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport) -> _TableRows:
+    """The validated rows of one interaction table (see read_table); raises on a bad mapping or bad labels."""
     names, records = _records(path, skips)
-    wanted = {"user": columns.user, "item": columns.item, "rating": columns.rating, "timestamp": columns.timestamp}
+    score = ("label", columns.label) if columns.label else ("rating", columns.rating)
+    wanted = {"user": columns.user, "item": columns.item, score[0]: score[1], "timestamp": columns.timestamp}
     if columns.review:
         wanted["review"] = columns.review
     if columns.title:
@@ -369,6 +394,10 @@ def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | No
                          + f"; the file has {names}")
     rows = _Rows()
     titles: dict[str, str] = {}
+    labels: Counter[int] = Counter()
+    bad_labels: Counter[str] = Counter()
+    bad_example = ""
+    zero_or_one = other_rating = 0  # a 0/1 label column mapped as data.columns.rating (see below)
     for lineno, rec in records:
         vals = {k: rec[v] for k, v in wanted.items()}
         text = ",".join(str(v) for v in vals.values())
@@ -376,25 +405,104 @@ def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | No
         if review is not None and not isinstance(review, str):
             skips.add("bad_review_type", path.name, lineno, f"review is {type(review).__name__}", text)
             continue
+        if columns.label:
+            lab = _parse_label(vals["label"])
+            if lab is None:
+                bad_labels[str(vals["label"])[:20]] += 1
+                bad_example = bad_example or f"line {lineno}: {vals['label']!r}"
+                continue
+            labels[lab] += 1
+            rating: object = LABEL_RATING[lab]
+        else:
+            rating = vals["rating"]
+            lab = _parse_label(rating)
+            if lab is not None and not isinstance(rating, bool):
+                zero_or_one += 1
+            elif _parse_rating(rating) != "bad":
+                other_rating += 1
         before = len(rows.user)
-        _check_row(rows, skips, path.name, lineno, text, vals["user"], vals["item"], vals["rating"],
+        _check_row(rows, skips, path.name, lineno, text, vals["user"], vals["item"], rating,
                    vals["timestamp"], review or "")
         if len(rows.user) > before and vals.get("title"):
             titles.setdefault(rows.item[-1], " ".join(str(vals["title"]).split()))
-    inputs = [path]
+    if bad_labels:
+        raise ValueError(f"{path}: column {columns.label!r} (data.columns.label) must hold 0/1 labels; "
+                         f"{sum(bad_labels.values())} rows hold other values ({bad_example}; counts "
+                         f"{dict(bad_labels.most_common(5))}), {labels[1]} rows are 1 and {labels[0]} are 0. "
+                         f"Fix the file, or map a 1-5 rating column with data.columns.rating instead")
+    if not columns.label and skips.counts["rating_out_of_range"] and zero_or_one and not other_rating:
+        # Every value is 0 or 1: binary feedback. Read as ratings, every 0 would be dropped as out of [1, 5].
+        raise ValueError(f"{path}: column {columns.rating!r} (data.columns.rating) holds only 0 and 1 "
+                         f"({zero_or_one} rows): that is 0/1 feedback, not a 1-5 rating, and every 0 would be dropped "
+                         f"as out of range; set data.columns.label={columns.rating!r} instead")
+    return _TableRows(rows, titles, labels)
+
+
+def _read_item_titles(ipath: Path, columns: ColumnMap, skips: SkipReport) -> dict[str, str]:
+    inames, irecords = _records(ipath, skips)
+    tcol = columns.title or "title"
+    if missing_i := [c for c in (columns.item, tcol) if c not in inames]:
+        raise ValueError(f"{ipath}: items table lacks column(s) {missing_i} (data.columns.item / "
+                         f"data.columns.title); it has {inames}")
+    titles: dict[str, str] = {}
+    for _, rec in irecords:
+        i, t = rec[columns.item], rec[tcol]
+        if i is not None and str(i).strip() and isinstance(t, str) and t.strip():
+            titles[str(i).strip()] = " ".join(t.split())
+    return titles
+
+
+def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
+    """A Parquet/CSV interaction table whose columns are named by `columns` (data.columns).
+
+    `items_path` (data.metadata_path) may name a second table with columns `columns.item` and
+    `columns.title or 'title'` giving item titles; else titles come from `columns.title` in the interaction
+    table, else "item <id>". With `columns.label` the rows carry a 0/1 `label` column (LABEL_RATING).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a mapped column is absent (naming it and the columns that exist); a label other than 0/1, a
+            label column with one class only, or a rating column holding only 0/1 (naming file, column, counts).
+    """
+    return read_tables({"train": path}, columns, items_path)
+
+
+SPLIT_FILES = ("train", "valid", "test")
+"""Predefined split files in the order of their split codes 0/1/2 (samples.SPLIT_CODE)."""
+
+
+def read_tables(paths: dict[str, str | Path], columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
+    """read_table over predefined split files (keys of SPLIT_FILES; just 'train' = one table, no split column).
+
+    With several files the rows carry `split` (int8 0/1/2, the file they came from) and `seq` runs on across the
+    files in SPLIT_FILES order; titles from a title column are taken from the first file that names the item.
+
+    Raises:
+        FileNotFoundError, ValueError: as read_table, naming the file; the 0/1 label classes are counted over
+            all files together (a test file of positives only is fine).
+    """
+    skips = SkipReport()
+    files = {sp: _require_file(Path(paths[sp]), f"{sp} interaction table" if len(paths) > 1 else "interaction table")
+             for sp in SPLIT_FILES if sp in paths}
+    tables, titles, labels = [], {}, Counter()
+    for code, (sp, path) in enumerate(files.items()):
+        got = _read_interactions(path, columns, skips)
+        t = got.rows.table(with_label=columns.label is not None)
+        if len(files) > 1:
+            t = t.append_column("split", pa.array(np.full(t.num_rows, code, dtype=np.int8)))
+        tables.append(t)
+        for k, v in got.titles.items():
+            titles.setdefault(k, v)
+        labels.update(got.labels)
+    if columns.label and (labels[0] == 0 or labels[1] == 0):
+        raise _class_error(", ".join(str(p) for p in files.values()), columns.label, labels[0], labels[1])
+    tab = pa.concat_tables(tables)
+    tab = tab.set_column(tab.schema.get_field_index("seq"), "seq", pa.array(np.arange(tab.num_rows, dtype=np.int64)))
+    inputs = list(files.values())
     if items_path:
         ipath = _require_file(Path(items_path), "items table")
         inputs.append(ipath)
-        inames, irecords = _records(ipath, skips)
-        tcol = columns.title or "title"
-        if missing_i := [c for c in (columns.item, tcol) if c not in inames]:
-            raise ValueError(f"{ipath}: items table lacks column(s) {missing_i} (data.columns.item / "
-                             f"data.columns.title); it has {inames}")
-        for _, rec in irecords:
-            i, t = rec[columns.item], rec[tcol]
-            if i is not None and str(i).strip() and isinstance(t, str) and t.strip():
-                titles[str(i).strip()] = " ".join(t.split())
-    tab = rows.table()
+        titles.update(_read_item_titles(ipath, columns, skips))
     for i in pc.unique(tab["item"]).to_pylist():
         titles.setdefault(i, f"item {i}")
     return RawData(tab, titles, skips, inputs, has_reviews=columns.review is not None)
@@ -416,5 +524,8 @@ def read_raw(cfg: DataConfig, raw_dir: str | Path | None = None) -> RawData:
     if cfg.source == "amazon":
         return read_amazon(cfg.path, cfg.metadata_path)
     if cfg.source == "table":
+        if cfg.valid_path and cfg.test_path:
+            return read_tables({"train": cfg.path, "valid": cfg.valid_path, "test": cfg.test_path}, cfg.columns,
+                               cfg.metadata_path)
         return read_table(cfg.path, cfg.columns, cfg.metadata_path)
     raise ValueError(f"unknown data.source {cfg.source!r}")

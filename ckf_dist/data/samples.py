@@ -42,6 +42,8 @@ class BuildContext:
     max_explanation_words: int
     train_windows_per_user: int
     cold_threshold: int
+    explicit_negatives: bool = False
+    """data.columns.label: CTR "No" samples are the table's 0-labelled rows, none are sampled."""
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Target:
     """Training items strictly earlier than the target, chronological (<= history_len)."""
     history_titles: list[str]
     history_ratings: list[float]
+    negative: bool = False
+    """An explicit negative (a 0-labelled row): only a CTR "No" sample is built from it."""
 
 
 class Built(NamedTuple):
@@ -110,10 +114,10 @@ def user_targets(items: np.ndarray, ratings: np.ndarray, stamps: np.ndarray, spl
     for j in train_targets:
         c = int(np.searchsorted(train_ts, train_ts[j], side="left"))
         picked.append(("train", int(train_idx[j]), train_idx[max(0, c - h):c]))
-    for sp in ("valid", "test"):
-        (where,) = np.flatnonzero(splits == SPLIT_CODE[sp])
-        c = int(np.searchsorted(train_ts, stamps[where], side="left"))
-        picked.append((sp, int(where), train_idx[max(0, c - h):c]))
+    for sp in ("valid", "test"):  # one each under leave-last-out; any number with predefined split files
+        for where in np.flatnonzero(splits == SPLIT_CODE[sp]):
+            c = int(np.searchsorted(train_ts, stamps[where], side="left"))
+            picked.append((sp, int(where), train_idx[max(0, c - h):c]))
     targets = []
     for sp, t_idx, h_idx in picked:
         hist = [int(x) for x in items[h_idx]]
@@ -121,6 +125,36 @@ def user_targets(items: np.ndarray, ratings: np.ndarray, stamps: np.ndarray, spl
                               review=reviews[t_idx] if reviews is not None else None, history=hist,
                               history_titles=[ctx.titles[x] for x in hist],
                               history_ratings=[float(x) for x in ratings[h_idx]]))
+    return targets
+
+
+def negative_targets(items: np.ndarray, ratings: np.ndarray, stamps: np.ndarray, splits: np.ndarray,
+                     neg_items: np.ndarray, neg_stamps: np.ndarray, neg_splits: np.ndarray, uid: int,
+                     ctx: BuildContext) -> list[Target]:
+    """One user's explicit negatives as targets (negative=True), in (split, time) order, each with the training
+    positives strictly earlier than it as history; of the training ones only the last `train_windows_per_user`
+    (all if 0), as for the positives.
+
+    Args:
+        items, ratings, stamps, splits: the user's positive rows, as for user_targets.
+        neg_items, neg_stamps, neg_splits: the user's 0-labelled rows in (split, time) order.
+        uid, ctx: the user and the build settings.
+    """
+    train_idx = np.flatnonzero(splits == 0)
+    train_ts = stamps[train_idx]
+    rows = list(range(len(neg_items)))
+    if ctx.train_windows_per_user > 0:
+        tr = [k for k in rows if neg_splits[k] == 0]
+        rows = tr[-ctx.train_windows_per_user:] + [k for k in rows if neg_splits[k] != 0]
+    split_name = {v: k for k, v in SPLIT_CODE.items()}
+    targets = []
+    for k in rows:
+        c = int(np.searchsorted(train_ts, neg_stamps[k], side="left"))
+        h_idx = train_idx[max(0, c - ctx.history_len):c]
+        hist = [int(x) for x in items[h_idx]]
+        targets.append(Target(uid=uid, split=split_name[int(neg_splits[k])], item=int(neg_items[k]), rating=0.0,
+                              review=None, history=hist, history_titles=[ctx.titles[x] for x in hist],
+                              history_ratings=[float(x) for x in ratings[h_idx]], negative=True))
     return targets
 
 
@@ -133,7 +167,13 @@ def _fields(t: Target, prompt: str, answer: str, label: float, item: int, slot_i
 
 
 def ctr_samples(t: Target, unseen: np.ndarray, rng: np.random.Generator, ctx: BuildContext) -> Built:
-    """CTR: the target ("Yes" if rated >= like_threshold, else "No"), then `ctr_negatives` unseen items ("No")."""
+    """CTR: the target ("Yes" if rated >= like_threshold, else "No"), then `ctr_negatives` unseen items ("No").
+
+    With explicit negatives (data.columns.label) nothing is sampled: a positive gives "Yes", a negative "No"."""
+    if ctx.explicit_negatives:
+        p = render_ctr(t.uid, t.history_titles, t.history_ratings, ctx.titles[t.item], ctx.like_threshold)
+        like = not t.negative
+        return Built([_fields(t, p, "Yes" if like else "No", 1.0 if like else 0.0, t.item, [t.item])])
     rows = [(t.item, t.rating >= ctx.like_threshold)]
     negs = sample_negatives(rng, unseen, ctx.ctr_negatives)
     note = None

@@ -9,6 +9,8 @@ produce nothing more than this layout.
       items.parquet                 iid:int32 (0..V-1), raw_id:str, title:str
       interactions/{train,valid,test}.parquet
                                     uid:int32, iid:int32, rating:float32, ts:int64, review:str
+      interactions/negatives.parquet  (data.columns.label only) the explicit negatives, never read by the CF
+                                    stage: uid:int32, iid:int32, ts:int64, split:int8 (0/1/2)
       prompts/{train,valid,test}/<task>-shard-000000.tar ...
                                     WebDataset shards, one task per file; each sample has one "json" member
                                     (PromptSample)
@@ -26,6 +28,8 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 USERS = "users.parquet"
 ITEMS = "items.parquet"
+NEGATIVES = "negatives"
+"""interactions_path(dir, NEGATIVES): the 0-labelled rows of a data.columns.label table (CTR "No" samples)."""
 
 
 def interactions_path(prepared_dir: str | Path, split: str) -> Path:
