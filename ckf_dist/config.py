@@ -98,19 +98,24 @@ class ColumnMap:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "ml-100k", "ml-1m", "amazon", "table"] = "synthetic"
-    """Which reader to use. 'synthetic' generates data from `synthetic`; the others read `path`."""
+    source: Literal["synthetic", "ml-100k", "ml-1m", "amazon", "table", "alpaca"] = "synthetic"
+    """Which reader to use. 'synthetic' generates data from `synthetic`; the others read `path`. 'alpaca':
+    instruction-format prompt files (JSON list or JSON lines of {instruction, input, output}, as TALLRec and
+    LLaMA-Factory use) given as train/valid/test files, for the text-only path (no users, items or CF)."""
     path: str | None = None
-    """Raw data location (a folder for MovieLens, a .json/.json.gz file for Amazon, a file for 'table')."""
+    """Raw data location (a folder for MovieLens, a .json/.json.gz file for Amazon, a file for 'table', the train
+    file for 'alpaca')."""
     metadata_path: str | None = None
     """Optional Amazon metadata file (JSON lines with asin + title) for readable item titles."""
     columns: ColumnMap = field(default_factory=ColumnMap)
     """Column mapping for source='table'."""
     valid_path: str | None = None
     """source='table': a predefined validation file (same columns as `path`). Set with `test_path`; `path` is then
-    the training file, the only one the CF model and every prompt history see, instead of leave-last-out."""
+    the training file, the only one the CF model and every prompt history see, instead of leave-last-out.
+    source='alpaca': the validation prompt file (required)."""
     test_path: str | None = None
-    """source='table': a predefined test file (same columns as `path`); see `valid_path`."""
+    """source='table': a predefined test file (same columns as `path`); see `valid_path`. source='alpaca': the test
+    prompt file (required)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     prepared_dir: str = "runs/data"
     """Where the prepared interactions, id maps, prompt shards and manifest are written/read."""
@@ -159,11 +164,17 @@ class DataConfig:
         out += _out_of_range(p, self, ">= 0", "ctr_negatives", "cold_threshold", "k_core", "train_windows_per_user")
         if not 1.0 <= self.like_threshold <= 5.0:
             out.append(f"{p}.like_threshold must be within the rating scale [1, 5], got {self.like_threshold}")
-        if self.source != "table" and (self.valid_path or self.test_path or self.columns.label):
-            out.append(f"{p}.valid_path / {p}.test_path / {p}.columns.label need {p}.source='table', got "
-                       f"{self.source!r}")
+        if self.source not in ("table", "alpaca") and (self.valid_path or self.test_path):
+            out.append(f"{p}.valid_path / {p}.test_path need {p}.source='table' or 'alpaca', got {self.source!r}")
+        if self.source != "table" and self.columns.label:
+            out.append(f"{p}.columns.label needs {p}.source='table', got {self.source!r}")
         if bool(self.valid_path) != bool(self.test_path):
             out.append(f"{p}.valid_path and {p}.test_path must be set together (predefined train/valid/test files)")
+        if self.source == "alpaca" and not (self.valid_path and self.test_path):
+            out.append(f"{p}.source='alpaca' needs {p}.valid_path and {p}.test_path (the valid and test prompt files)")
+        if self.source == "alpaca" and self.tasks not in (["ctr"], ["exp"]):
+            out.append(f"{p}.source='alpaca' needs {p}.tasks=['ctr'] (Yes/No outputs, as TALLRec) or ['exp'] (free "
+                       f"text outputs), got {self.tasks}")
         if self.columns.label and "rating" in self.tasks:
             out.append(f"{p}.tasks contains 'rating' but {p}.columns.label={self.columns.label!r} is 0/1 feedback "
                        f"with no rating scale; drop 'rating' from {p}.tasks")

@@ -38,10 +38,37 @@ def _interactions(prepared_dir: Path) -> dict[str, dict[int, dict[int, int]]]:
     return out
 
 
+def _manifest(prepared_dir: Path) -> dict:
+    m = prepared_dir / MANIFEST
+    return json.loads(m.read_text()) if m.is_file() else {}
+
+
 def _predefined(prepared_dir: Path) -> bool:
     """Whether the dataset came from predefined train/valid/test files (data.valid_path / data.test_path)."""
-    m = prepared_dir / MANIFEST
-    return m.is_file() and json.loads(m.read_text()).get("split") == "predefined files"
+    return _manifest(prepared_dir).get("split") == "predefined files"
+
+
+def instruction_problems(prepared_dir: Path, max_problems: int = 20) -> list[str]:
+    """data.source='alpaca': format of every sample (text only, no slots, 'Answer:' last, CTR answer = label) and
+    no valid/test prompt that is also a training prompt (the same instruction + input in both is a leak)."""
+    out = []
+    train_prompts = {s["prompt_text"] for s in load_samples(prepared_dir, "train")}
+    for sp in SPLITS:
+        for s in load_samples(prepared_dir, sp):
+            k, p = s["key"], s["prompt_text"]
+            if s["prompt_cf"] != p or USER_SLOT in p or ITEM_SLOT in p or s["slot_items"] or s["history"]:
+                out.append(f"{k}: an instruction sample must be text only (no slots, history or slot_items)")
+            if not p.endswith("Answer:"):
+                out.append(f"{k}: prompt does not end with 'Answer:'")
+            if not s["answer"] or s["answer"] != s["answer"].strip():
+                out.append(f"{k}: answer {s['answer']!r} is empty or has surrounding spaces")
+            if s["task"] == "ctr" and s["answer"] != ("Yes" if s["label"] == 1.0 else "No"):
+                out.append(f"{k}: CTR answer {s['answer']!r} disagrees with label {s['label']}")
+            if sp != "train" and p in train_prompts:
+                out.append(f"{k}: the same prompt is also a training prompt")
+            if len(out) >= max_problems:
+                return out[:max_problems]
+    return out
 
 
 def split_problems(prepared_dir: str | Path) -> list[str]:
@@ -137,6 +164,8 @@ def sample_problems(s: PromptSample, inter: dict[str, dict[int, dict[int, int]]]
 def leakage_problems(prepared_dir: str | Path, max_problems: int = 20) -> list[str]:
     """Every violated invariant of the prepared dataset (empty list = clean), at most max_problems lines."""
     prepared_dir = Path(prepared_dir)
+    if _manifest(prepared_dir).get("source") == "alpaca":
+        return instruction_problems(prepared_dir, max_problems)
     inter = _interactions(prepared_dir)
     out = split_problems(prepared_dir)
     for sp in SPLITS:

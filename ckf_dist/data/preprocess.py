@@ -451,8 +451,32 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None
     return manifest
 
 
+def _file_list(root: Path) -> dict[str, dict[str, Any]]:
+    return {str(f.relative_to(root)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            for f in sorted(p for p in root.rglob("*") if p.is_file())}
+
+
+def _prepare_instructions(cfg: DataConfig, root: Path, fingerprint: dict[str, Any],
+                          inputs: dict[str, str]) -> dict[str, Any]:
+    """data.source='alpaca': finished prompts, no users, items or interactions (data/instructions.py)."""
+    from ckf_dist.data.instructions import prepare_instructions_into
+
+    skips = SkipReport()
+    got = prepare_instructions_into(cfg, root, skips)
+    manifest = {"schema_version": SCHEMA_VERSION, "source": cfg.source, "seed": cfg.seed, "tasks": list(cfg.tasks),
+                **{k: got[k] for k in ("num_users", "num_items", "warm_users", "cold_users")},
+                "cold_threshold": cfg.cold_threshold,
+                **{k: got[k] for k in ("interactions", "raw_rows_read", "counts", "shards")},
+                "skips": skips.to_dict(), "config": fingerprint, "inputs": inputs, "files": _file_list(root),
+                "split": got["split"]}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    return manifest
+
+
 def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: dict[str, str],
                   engine: str) -> dict[str, Any]:
+    if cfg.source == "alpaca":
+        return _prepare_instructions(cfg, root, fingerprint, inputs)
     raw_dir = None
     if cfg.source == "synthetic":
         from ckf_dist.data.synthetic import generate_synthetic

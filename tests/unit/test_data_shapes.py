@@ -181,7 +181,7 @@ def test_config_problems_for_the_new_shapes():
                for p in probs(source="table", path="x.csv", columns=ColumnMap(label="clicked")))
     assert any("data.valid_path and data.test_path must be set together" in p
                for p in probs(source="table", path="x.csv", valid_path="v.csv"))
-    assert any("need data.source='table', got 'ml-100k'" in p
+    assert any("need data.source='table' or 'alpaca', got 'ml-100k'" in p
                for p in probs(source="ml-100k", path="d", tasks=["ctr"], test_path="t", valid_path="v"))
     assert probs(source="table", path="x.csv", valid_path="v.csv", test_path="t.csv", tasks=["ctr", "topk"],
                  columns=ColumnMap(label="clicked")) == []
@@ -292,3 +292,84 @@ def test_one_class_is_counted_over_all_files(tmp_path):
     tr, va, te = ([[*r[:2], 1, *r[3:]] for r in p] for p in (tr, va, te))  # ... all three are not
     with pytest.raises(ValueError, match=r"train\.csv, .*valid\.csv, .*test\.csv: column 'clicked' .* one class"):
         prepare_data(_split_cfg(tmp_path, (tr, va, te)), engine="local", force=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Instruction-format (alpaca) prompt files
+# --------------------------------------------------------------------------------------------------
+
+INSTRUCTION = ('Given the user\'s preference and unpreference, identify whether the user will like the target movie '
+               'by answering "Yes." or "No.".')
+
+
+def alpaca_records(n: int, start: int = 0) -> list[dict[str, str]]:
+    """TALLRec-style records: a fixed instruction, a per-record input, "Yes."/"No." outputs alternating."""
+    return [{"instruction": INSTRUCTION,
+             "input": f'User Preference: "Film {i}"\nUser Unpreference: "Film {i + 1}"\n'
+                      f'Whether the user will like the target movie "Film {i + 2}"?',
+             "output": "Yes." if i % 2 else "No."} for i in range(start, start + n)]
+
+
+def alpaca_cfg(tmp_path: Path, train: list, valid: list, test: list, tasks: list[str] | None = None) -> DataConfig:
+    paths = [tmp_path / "train.json", tmp_path / "valid.jsonl", tmp_path / "test.json"]
+    paths[0].write_text(json.dumps(train, indent=1))  # a JSON list ...
+    paths[1].write_text("".join(json.dumps(r) + "\n" if isinstance(r, dict) else f"{r}\n" for r in valid))  # JSONL
+    paths[2].write_text(json.dumps(test))
+    return DataConfig(source="alpaca", path=str(paths[0]), valid_path=str(paths[1]), test_path=str(paths[2]),
+                      tasks=tasks or ["ctr"], prepared_dir=str(tmp_path / "prep"))
+
+
+def test_alpaca_files_become_text_only_ctr_samples(tmp_path):
+    from ckf_dist.data.checks import leakage_problems
+    from ckf_dist.data.preprocess import prepare_data
+
+    valid = [*alpaca_records(5, start=20), "{not json", json.dumps({"instruction": "x"}), json.dumps([1])]
+    cfg = alpaca_cfg(tmp_path, alpaca_records(20), valid, alpaca_records(6, start=25))
+    m = prepare_data(cfg, engine="local")
+    assert m["counts"] == {"train": {"ctr": 20}, "valid": {"ctr": 5}, "test": {"ctr": 6}}
+    assert m["skips"]["counts"] == {"bad_json": 2, "missing_field": 1}
+    assert leakage_problems(tmp_path / "prep") == []
+    s = _samples(tmp_path / "prep", "test", "ctr")[0]
+    assert s["prompt_text"] == s["prompt_cf"] == (f'{INSTRUCTION}\nUser Preference: "Film 25"\nUser Unpreference: '
+                                                  f'"Film 26"\nWhether the user will like the target movie "Film 27"?'
+                                                  f'\nAnswer:')
+    assert (s["answer"], s["label"], s["slot_items"]) == ("Yes", 1.0, [])
+
+
+def test_alpaca_exp_keeps_free_text_outputs(tmp_path):
+    from ckf_dist.data.preprocess import prepare_data
+
+    recs = [{**r, "output": f"Because it is like Film {k}."} for k, r in enumerate(alpaca_records(12))]
+    prepare_data(alpaca_cfg(tmp_path, recs[:8], recs[8:10], recs[10:], tasks=["exp"]), engine="local")
+    assert _samples(tmp_path / "prep", "valid", "exp")[0]["answer"] == "Because it is like Film 8."
+
+
+def test_alpaca_outputs_that_are_not_yes_no_name_file_and_counts(tmp_path):
+    from ckf_dist.data.preprocess import prepare_data
+
+    train = alpaca_records(10)
+    train[3]["output"] = "Maybe."
+    train[4]["output"] = "Maybe."
+    with pytest.raises(ValueError, match=r"train\.json: data\.tasks=\['ctr'\] needs every output to be Yes or No; 2 "
+                                         r"records say something else \(record 4: 'Maybe\.'; counts \{'Maybe\.': 2\}\)"):
+        prepare_data(alpaca_cfg(tmp_path, train, alpaca_records(2), alpaca_records(2)), engine="local")
+
+
+def test_alpaca_one_class_is_an_error(tmp_path):
+    from ckf_dist.data.preprocess import prepare_data
+
+    yes = [{**r, "output": "Yes."} for r in alpaca_records(10)]
+    with pytest.raises(ValueError, match=r"the outputs hold one class only \(10 Yes, 0 No\)"):
+        prepare_data(alpaca_cfg(tmp_path, yes[:6], yes[6:8], yes[8:]), engine="local")
+
+
+def test_alpaca_config_problems_and_leak_check(tmp_path):
+    from ckf_dist.data.checks import leakage_problems
+    from ckf_dist.data.preprocess import prepare_data
+
+    probs = DataConfig(source="alpaca", path="t.json").problems("data")
+    assert any("data.source='alpaca' needs data.valid_path and data.test_path" in p for p in probs)
+    assert any("data.source='alpaca' needs data.tasks=['ctr']" in p for p in probs)
+    recs = alpaca_records(10)
+    prepare_data(alpaca_cfg(tmp_path, recs[:8], recs[8:], recs[7:8]), engine="local")  # a test prompt seen in train
+    assert leakage_problems(tmp_path / "prep") == ["test/ctr/0/0: the same prompt is also a training prompt"]
