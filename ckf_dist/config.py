@@ -447,6 +447,9 @@ class RunConfig:
         for f in dataclasses.fields(self):
             out += getattr(self, f.name).problems(f.name)
         # Contradictions across sections.
+        if self.data.columns.label and self.cf.model == "mf":
+            out.append(f"cf.model='mf' regresses ratings, but data.columns.label={self.data.columns.label!r} is 0/1 "
+                       f"feedback (every interaction is a positive): use cf.model='bpr' or 'lightgcn'")
         if self.model.base_model is not None and self.train.precision == "fp32" and self.model.dtype != "float32":
             out.append(f"train.precision='fp32' contradicts model.dtype={self.model.dtype!r}; make them agree")
         if self.train.precision == "bf16" and self.model.dtype == "float16":

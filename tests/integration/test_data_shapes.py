@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ckf_dist.testing.data_files import binary_rows, split_by_position, write_csv
 from ckf_dist.testing.jobs import ROOT, TINY, env, run_job
-from tests.unit.test_data_shapes import binary_rows, split_by_position, write_csv
 
 
 def _files(tmp_path: Path, n_users: int = 40) -> list[str]:
@@ -23,7 +23,7 @@ def _files(tmp_path: Path, n_users: int = 40) -> list[str]:
 def _overrides(tmp_path: Path, files: list[str], prepared: Path) -> list[str]:
     return ["data.source=table", f"data.path={files[0]}", f"data.valid_path={files[1]}", f"data.test_path={files[2]}",
             "data.columns.label=clicked", "data.columns.title=title", "data.tasks=['ctr','topk']",
-            "data.num_candidates=6", f"data.prepared_dir={prepared}"]
+            "data.num_candidates=6", f"data.prepared_dir={prepared}", "cf.model=bpr"]
 
 
 def _digest(d: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@ errors for labels that cannot be used. Every file is generated here, small."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,37 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ckf_dist.config import ColumnMap, DataConfig
-
-HEADER = ["user_id", "item_id", "clicked", "timestamp", "title"]
-
-
-def binary_rows(n_users: int = 12, n_items: int = 30, per_user: int = 12, seed: int = 0) -> list[list[object]]:
-    """Rows of a 0/1 click table: per user `per_user` distinct items at increasing times, every third a 0."""
-    import random
-
-    rng = random.Random(seed)
-    rows: list[list[object]] = []
-    for u in range(n_users):
-        for k, i in enumerate(rng.sample(range(n_items), per_user)):
-            rows.append([f"u{u}", f"i{i}", 0 if k % 3 == 2 else 1, 1000 + 10 * k + u, f"Film {i}"])
-    return rows
-
-
-def write_csv(path: Path, rows: list[list[object]], header: list[str] = HEADER) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
-def split_by_position(rows: list[list[object]], valid_from: int = 8, test_from: int = 10) -> tuple[list, list, list]:
-    """Predefined files: each user's rows at positions < valid_from train, < test_from valid, the rest test."""
-    parts: tuple[list, list, list] = ([], [], [])
-    for r in rows:
-        k = (int(r[3]) - 1000) // 10
-        parts[0 if k < valid_from else 1 if k < test_from else 2].append(r)
-    return parts
+from ckf_dist.testing.data_files import binary_rows, split_by_position, write_csv
 
 
 def binary_cfg(tmp_path: Path, path: Path, **kw: object) -> DataConfig:
@@ -373,3 +342,12 @@ def test_alpaca_config_problems_and_leak_check(tmp_path):
     recs = alpaca_records(10)
     prepare_data(alpaca_cfg(tmp_path, recs[:8], recs[8:], recs[7:8]), engine="local")  # a test prompt seen in train
     assert leakage_problems(tmp_path / "prep") == ["test/ctr/0/0: the same prompt is also a training prompt"]
+
+
+def test_mf_on_binary_feedback_is_refused():
+    from ckf_dist.config import ConfigError, load_config
+
+    over = ["data.source=table", "data.path=x.csv", "data.columns.label=clicked", "data.tasks=[ctr,topk]"]
+    with pytest.raises(ConfigError, match=r"cf.model='mf' regresses ratings.*use cf.model='bpr'"):
+        load_config(None, over)
+    assert load_config(None, [*over, "cf.model=bpr"]).cf.model == "bpr"

@@ -65,6 +65,13 @@ def test_benchmarks_and_launchers_do_not_import_tests() -> None:
     assert bad == []
 
 
+def test_test_modules_do_not_import_each_other() -> None:
+    # Shared helpers live in ckf_dist/testing/, so that no test depends on another test module.
+    bad = [f"{p.relative_to(ROOT)}:{line}: {m}" for p in sorted((ROOT / "tests").rglob("*.py"))
+           for line, m in _imports(p) if m.split(".")[0] == "tests"]
+    assert bad == []
+
+
 def test_the_check_catches_a_backward_import(tmp_path: Path) -> None:
     pkg = tmp_path / "ckf_dist"
     for sub in ("data", "train", "model"):
