@@ -115,6 +115,13 @@ class CKFModel(nn.Module):
         """LoRAs (+ gate), MetaNet, projectors and unknown vectors; the LLM and CF tables are frozen."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self, lr: float, fusion_lr: float) -> list[dict]:
+        """Optimizer groups: the LoRAs (+ gate) at `lr`, the fusion modules (trained from scratch) at `fusion_lr`."""
+        fusion = {id(p) for p in self.fusion.parameters()}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in fusion], "lr": lr},
+                  {"params": [p for p in self.fusion.parameters() if p.requires_grad], "lr": fusion_lr}]
+        return [g for g in groups if g["params"]]
+
     def shared_lora_parameters(self) -> list[nn.Parameter]:
         """The shared-LoRA parameters, per shared layer in module order: A, then B (train/task_grads.py's layout)."""
         out = []
@@ -245,7 +252,8 @@ class CKFModel(nn.Module):
 
 
 def build_ckf_model(llm: nn.Module, tokenizer, user_emb: torch.Tensor, item_emb: torch.Tensor,
-                    model_cfg: ModelConfig, lora_cfg: MultiLoRAConfig, tasks: Sequence[str] = TASKS) -> CKFModel:
+                    model_cfg: ModelConfig, lora_cfg: MultiLoRAConfig, tasks: Sequence[str] = TASKS,
+                    token_norm: float | None = None) -> CKFModel:
     """Wrap a loaded causal LM into a CKFModel: freeze it, inject Multi-LoRA, add the fusion modules.
 
     Args:
@@ -256,6 +264,8 @@ def build_ckf_model(llm: nn.Module, tokenizer, user_emb: torch.Tensor, item_emb:
         model_cfg: MetaNet width and pooling.
         lora_cfg: Multi-LoRA targets, ranks, alphas, dropouts, gate.
         tasks: tasks that get an adapter (default all).
+        token_norm: mean norm of the LLM's token embeddings, for model.fusion_init='match_tokens'; default: measured
+            on `llm` (pass it when the embeddings are partitioned, e.g. under ZeRO-3).
 
     Raises:
         ValueError: invalid configs, missing slot tokens, an LLM without decoder / output embeddings, unknown tasks.
@@ -284,7 +294,24 @@ def build_ckf_model(llm: nn.Module, tokenizer, user_emb: torch.Tensor, item_emb:
     inject_multi_lora(llm, lora_cfg, tasks, router)
     fusion = SoftPromptFusion(user_emb, item_emb, hidden, model_cfg.meta_hidden, model_cfg.pooling,
                               tokenizer.convert_tokens_to_ids(USER_SLOT), tokenizer.convert_tokens_to_ids(ITEM_SLOT))
+    if model_cfg.fusion_init == "match_tokens":
+        if token_norm is None:
+            token_norm = mean_token_norm(llm)
+        fusion.match_norm(token_norm)
     dtype = llm.get_input_embeddings().weight.dtype
     fusion.to(dtype)
     gate = TaskGate(len(tasks), lora_cfg.gate)
     return CKFModel(llm, fusion, router, gate, tasks, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def mean_token_norm(llm: nn.Module) -> float:
+    """Mean L2 norm of the rows of the LLM's input embedding table (the scale the fusion vectors are matched to).
+
+    Raises:
+        ValueError: the table is partitioned (empty here); gather it and pass the value instead.
+    """
+    weight = llm.get_input_embeddings().weight
+    if weight.numel() == 0:
+        raise ValueError("the input embeddings are partitioned (ZeRO-3); measure their norm inside a gather and pass "
+                         "build_ckf_model(..., token_norm=...)")
+    return float(weight.detach().float().norm(dim=-1).mean())

@@ -59,6 +59,16 @@ class SoftPromptFusion(nn.Module):
         self.proj_user = nn.Linear(d, llm_hidden)
         self.proj_item = nn.Linear(d, llm_hidden)
 
+    @torch.no_grad()
+    def match_norm(self, target: float) -> None:
+        """Rescale Proj_U and Proj_V so that the mean norm of the projected CF vectors (user vectors without W_u, all
+        item vectors) is `target`, e.g. the mean norm of the LLM's token embeddings: injected vectors far larger or
+        smaller than the tokens around them are hard for the frozen LLM to use."""
+        for proj, table in ((self.proj_user, self.user_table), (self.proj_item, self.item_table)):
+            scale = target / proj(table.to(proj.weight.dtype)).norm(dim=-1).mean().clamp_min(1e-12)
+            proj.weight.mul_(scale)
+            proj.bias.mul_(scale)
+
     @property
     def num_users(self) -> int:
         return self.user_table.shape[0]

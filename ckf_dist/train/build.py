@@ -17,6 +17,17 @@ def hidden_size_of(base_dir: Path) -> int:
     return int(conf.get("hidden_size") or conf.get("n_embd") or conf["d_model"])
 
 
+def measure_token_norm(llm) -> float:
+    """Mean token-embedding norm, gathered first when ZeRO-3 has partitioned the table while loading."""
+    import deepspeed
+
+    from ckf_dist.model.ckf import mean_token_norm
+
+    weight = llm.get_input_embeddings().weight
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None, enabled=hasattr(weight, "ds_id")):
+        return mean_token_norm(llm)
+
+
 def build_model(cfg: RunConfig, base_dir: Path, user_emb, item_emb, ds_config: dict[str, Any] | None):
     """Tokenizer + CKFModel. Under ZeRO-3 the LLM is partitioned while it loads, so a model larger than one
     device's memory loads; the small new modules (LoRA, MetaNet, projectors) are partitioned by
@@ -34,7 +45,8 @@ def build_model(cfg: RunConfig, base_dir: Path, user_emb, item_emb, ds_config: d
     tokenizer = load_tokenizer(base_dir)
     llm = load_llm(base_dir, cfg.model.dtype, tokenizer)
     # Every task gets its adapter whatever data.tasks holds: tensor task ids are global (TASK_ID).
-    model = build_ckf_model(llm, tokenizer, user_emb, item_emb, cfg.model, cfg.multi_lora, tasks=TASKS)
+    model = build_ckf_model(llm, tokenizer, user_emb, item_emb, cfg.model, cfg.multi_lora, tasks=TASKS,
+                            token_norm=measure_token_norm(llm) if cfg.model.fusion_init == "match_tokens" else None)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model, tokenizer, keepalive

@@ -65,7 +65,8 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
     seed_everything(cfg.train.seed)
     ds_config = make_ds_config(cfg, world, hidden_size_of(base_dir))
     model, tokenizer, _keepalive = build_model(cfg, base_dir, cf.user, cf.item, ds_config)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    groups = model.parameter_groups(cfg.train.lr, cfg.train.lr * cfg.train.fusion_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(cfg)))

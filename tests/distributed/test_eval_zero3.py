@@ -20,6 +20,7 @@ def _build(llm_dir: str):
     from ckf_dist.config import ModelConfig, MultiLoRAConfig
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.llm import load_llm, load_tokenizer
+    from ckf_dist.train.build import measure_token_norm
 
     tok = load_tokenizer(llm_dir)
     llm = load_llm(llm_dir, "float32", tok)
@@ -27,7 +28,8 @@ def _build(llm_dir: str):
     user, item = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
     torch.manual_seed(0)
     model = build_ckf_model(llm, tok, user, item, ModelConfig(meta_hidden=16),
-                            MultiLoRAConfig(rank=2, task_rank=2, dropout=0.0, task_dropout=0.0))
+                            MultiLoRAConfig(rank=2, task_rank=2, dropout=0.0, task_dropout=0.0),
+                            token_norm=measure_token_norm(llm))  # gathered when ZeRO-3 partitioned the table
     with torch.no_grad():  # non-zero LoRA B: the partitioned adapters must take part in the forward
         for p in model.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))

@@ -40,13 +40,15 @@ def _build(llm_dir: str):
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.llm import load_llm, load_tokenizer
     from ckf_dist.testing.model_samples import cf_tables
+    from ckf_dist.train.build import measure_token_norm
 
     tokenizer = load_tokenizer(llm_dir)
     llm = load_llm(llm_dir, "float32", tokenizer)
     torch.manual_seed(0)
+    # The same token norm with or without ZeRO-3 (gathered when partitioned), so both paths start from equal weights.
     model = build_ckf_model(llm, tokenizer, *cf_tables(), ModelConfig(meta_hidden=16),
                             MultiLoRAConfig(rank=4, alpha=8.0, dropout=0.0, task_rank=4, task_alpha=8.0,
-                                            task_dropout=0.0, gate=True))
+                                            task_dropout=0.0, gate=True), token_norm=measure_token_norm(llm))
     return model, tokenizer
 
 
