@@ -328,6 +328,9 @@ class MultiLoRAConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-4
+    loss_norm: Literal["token", "row"] = "token"
+    """'token': the loss is the mean over answer tokens (an explanation of 30 tokens weighs 30x a one-token CTR or
+    rating answer); 'row': the mean over samples of each sample's mean token loss (every sample weighs the same)."""
     fusion_lr_scale: float = 1.0
     """Learning rate of the fusion modules (MetaNet, Proj_U, Proj_V, unknown vectors) as a multiple of lr; the LoRAs
     use lr. New modules trained from scratch next to small LoRA updates often want more (fusion oracle: 3.3x took a

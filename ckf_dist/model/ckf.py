@@ -183,15 +183,20 @@ class CKFModel(nn.Module):
         hidden, _ = self._hidden(batch)
         return self.llm.get_output_embeddings()(hidden)
 
-    def forward(self, batch: Batch, text_weight: float = 0.0) -> CKFOutput:
+    def forward(self, batch: Batch, text_weight: float = 0.0, loss_norm: str = "token") -> CKFOutput:
         """Curriculum loss on the answer tokens; the LM head only runs on answer positions (memory: no (B, L, V)).
 
         Args:
             batch: rows of any tasks and both prompt variants.
             text_weight: w in L = w L_text + (1 - w) L_cf; when only one variant has answer tokens, its loss alone.
+            loss_norm: "token": each variant's loss is the mean over its answer tokens (a 30-token explanation weighs
+                30x a one-token CTR answer); "row": the mean over its rows of each row's mean token loss (every
+                sample weighs the same, whatever its answer length).
         """
         if not 0.0 <= text_weight <= 1.0:
             raise ValueError(f"text_weight must be within [0, 1], got {text_weight}")
+        if loss_norm not in ("token", "row"):
+            raise ValueError(f"loss_norm must be 'token' or 'row', got {loss_norm!r}")
         hidden, anchor = self._hidden(batch)
         B, T = batch.input_ids.shape[0], len(self.tasks)
         labels = batch.labels[:, 1:]  # token l+1 is predicted at position l
@@ -204,8 +209,13 @@ class CKFModel(nn.Module):
         is_cf = batch.is_cf[b_idx]
         loss = anchor.float() + hidden.sum().float() * 0.0  # keeps every trainable parameter in the graph
         n_cf, n_text = int(is_cf.sum()), int((~is_cf).sum())
-        l_cf = tok_loss[is_cf].sum() / max(n_cf, 1)
-        l_text = tok_loss[~is_cf].sum() / max(n_text, 1)
+        if loss_norm == "token":
+            l_cf = tok_loss[is_cf].sum() / max(n_cf, 1)
+            l_text = tok_loss[~is_cf].sum() / max(n_text, 1)
+        else:  # each token weighs 1 / (its row's answer tokens), so every row sums to its mean token loss
+            w_tok = 1.0 / row_cnt[b_idx]
+            l_cf = (tok_loss * w_tok)[is_cf].sum() / w_tok[is_cf].sum().clamp_min(1e-12)
+            l_text = (tok_loss * w_tok)[~is_cf].sum() / w_tok[~is_cf].sum().clamp_min(1e-12)
         if n_cf and n_text:
             loss = loss + text_weight * l_text + (1.0 - text_weight) * l_cf
         elif n_cf:

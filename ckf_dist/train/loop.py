@@ -106,7 +106,7 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
             # step, so they were drawn with the mixture one update older (lag one).
             for batch in batches.take(step, mixture.weights, last_step=cfg.train.max_steps - 1):
                 batch = batch.to(engine.device)
-                out = engine(batch, text_weight=text_weight)
+                out = engine(batch, text_weight=text_weight, loss_norm=cfg.train.loss_norm)
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
                 sums.add(out, batch, cfg.train.grad_accum)

@@ -121,6 +121,23 @@ def test_curriculum_loss_and_task_stats_match_manual(tiny_llm, tiny_tokenizer, w
         torch.testing.assert_close(out.row_loss[b], tok[rows == b].mean(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("w", [0.0, 0.3])
+def test_row_loss_norm_weighs_every_sample_equally(tiny_llm, tiny_tokenizer, w):
+    model = make_model(tiny_llm, tiny_tokenizer)
+    batch = collate(tiny_tokenizer, mixed_samples(), variants=("text", "cf"))
+    tok, rows = _manual_token_losses(model, batch)
+    row_mean = torch.stack([tok[rows == b].mean() for b in range(len(batch))])  # every row has answer tokens
+    cf = batch.is_cf
+    expected = w * row_mean[~cf].mean() + (1 - w) * row_mean[cf].mean()
+    with torch.no_grad():
+        out = model(batch, text_weight=w, loss_norm="row")
+        token = model(batch, text_weight=w)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.loss, token.loss), "explanations are longer: the two norms must differ here"
+    with pytest.raises(ValueError, match="loss_norm must be 'token' or 'row'"):
+        model(batch, loss_norm="tokens")
+
+
 def test_single_variant_batch_uses_its_loss_alone(tiny_llm, tiny_tokenizer):
     model = make_model(tiny_llm, tiny_tokenizer)
     batch = collate(tiny_tokenizer, mixed_samples()[:4], variants=("text",))
