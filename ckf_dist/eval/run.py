@@ -91,7 +91,6 @@ def report(run_dir: Path, results: dict[str, dict[str, Any]], step: int = 0) -> 
     print(f"[ckf] report: {', '.join(str(p) for p in written.values())}")
 
 
-
 def run_eval(cfg: RunConfig, model, tokenizer, split: str, variant: str, rank: int, world: int,
              limit: int = 0) -> dict[str, Any]:
     """Metrics of `model` on `split` with `variant` prompts ('cf' or 'text'), on `eval_samples(cfg, split, limit)`."""

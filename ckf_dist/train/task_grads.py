@@ -38,18 +38,11 @@ class TaskGradTracker:
         self.enabled = True
         self.size = 0
         self.buffer: torch.Tensor | None = None
-        self._handles = []
         for layer in model.lora_layers.values():
             if layer.shared is not None:
                 hook = functools.partial(self._on_shared_forward, layer, self.size)
-                self._handles.append(layer.shared.register_forward_hook(hook))
+                layer.shared.register_forward_hook(hook)
                 self.size += layer.shared.num_params()
-
-    def remove(self) -> None:
-        """Detach the hooks (the model is then as if never tracked)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def reset(self) -> None:
         if self.buffer is not None:
