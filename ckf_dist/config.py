@@ -285,6 +285,14 @@ class ModelConfig:
     token embeddings (a bare nn.Linear from d = 8..64 lands far from it, 3x on the demo's tiny model); 'default':
     nn.Linear's own initialisation. On the fusion oracle (benchmarks/fusion_oracle.py) matching the norm takes a
     seed from CTR AUC 0.76 to 0.97 in 1500 steps."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """'auto': prompts go through the tokenizer's chat template when it has one (SmolLM2, Llama-2-chat; as
+    LLaMA-Factory does): the prompt is the user turn and the answer the assistant turn, the loss still on the answer
+    tokens and end-of-turn only. 'on': require a chat template (error if the tokenizer has none); 'off': plain
+    prompts even for a chat model."""
+    system_prompt: str | None = None
+    """The system turn when a chat template is used; None keeps the template's own default (SmolLM2's adds about 20
+    tokens to every row), "" sends an empty one."""
 
     def problems(self, p: str) -> list[str]:
         out = self.tiny.problems(f"{p}.tiny") if self.base_model is None else []
@@ -473,6 +481,13 @@ class RunConfig:
             out.append(f"eval.ks has {bad} >= data.num_candidates ({self.data.num_candidates}): with that many "
                        f"candidates HR@K is 1.0 for any model (NDCG@K no cut-off); use eval.ks values below "
                        f"{self.data.num_candidates} or raise data.num_candidates")
+        if self.data.source == "alpaca":
+            # Finished text prompts: no users, items or CF vectors, so nothing for the slots or a CF model to see.
+            if self.train.prompts != "text":
+                out.append(f"data.source='alpaca' gives text-only prompts: set train.prompts='text' "
+                           f"(got {self.train.prompts!r})")
+            if "cf" in self.eval.baselines:
+                out.append("data.source='alpaca' has no interactions for a CF baseline: drop 'cf' from eval.baselines")
         # Not a contradiction: with cf.model != 'mf', the rating task and the 'cf' baseline, a BPR model still
         # ranks; its rating baseline is reported as absent, not an error.
         return out
