@@ -39,7 +39,7 @@ def evaluate_model(model: Any, tokenizer: Any, samples: list[PromptSample], cfg:
     results are all-gathered and checked (every sample exactly once) before the metrics are computed.
 
     Args:
-        model: a CKFModel (or anything with `logits(batch) -> (B, L, V)` and
+        model: a CKFModel (or anything with `logits(batch, at=(rows, cols)) -> (N, V)` and
             `generate(batch, max_new_tokens, num_beams, synced_gpus) -> (B, new)`), e.g. `engine.module`.
         tokenizer: the model's tokenizer (holds the slot tokens; "Yes"/"No" and "1".."5" are single tokens).
         samples: the same list on every rank (e.g. `load_samples(prepared_dir, "test", tasks)`), already capped
@@ -142,7 +142,8 @@ class _Scorer:
         rows = [s for s in chunk for _ in s["candidates"]]
         answers = [t for s in chunk for t in s["candidate_titles"]]
         batch = self.answer_rows(rows, variants=(self.variant,), answers=answers).to(self.device)
-        scores = answer_loglik(self.model.logits(batch), batch.labels).cpu()  # (R,)
+        # The LM head runs only where an answer token is predicted (N of the R x L positions).
+        scores = answer_loglik(self.model.logits(batch, at=scored_positions(batch.labels)), batch.labels).cpu()
         out, start = [], 0
         for s in chunk:
             n = len(s["candidates"])
@@ -157,8 +158,7 @@ class _Scorer:
 
     def _answer_logits(self, chunk: list[PromptSample]) -> torch.Tensor:
         batch = self.score_rows(chunk, variants=(self.variant,)).to(self.device)
-        logits = self.model.logits(batch)  # (B, L, V)
-        return logits_at_answer(logits, batch, padding_side="right")
+        return self.model.logits(batch, at=answer_position(batch, padding_side="right"))  # (B, V)
 
     def _generate(self, chunk: list[PromptSample], max_new_tokens: int, num_beams: int) -> list[str]:
         batch = self.gen_rows(chunk, variants=(self.variant,)).to(self.device)
@@ -172,36 +172,52 @@ class _Scorer:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def logits_at_answer(logits: torch.Tensor, batch: Batch, padding_side: str) -> torch.Tensor:
-    """The (B, V) logits that predict each row's first answer token: position prompt_lengths - 1, shifted by
-    the row's padding when the batch is left-padded."""
-    B, L, _ = logits.shape
+def answer_position(batch: Batch, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the position whose logits predict each row's first answer token: prompt_lengths - 1,
+    shifted by the row's padding when the batch is left-padded. For `model.logits(batch, at=...)` -> (B, V)."""
+    B, L = batch.input_ids.shape
     pos = batch.prompt_lengths - 1
     if padding_side == "left":
         pos = pos + (L - batch.attention_mask.sum(dim=1))
     elif padding_side != "right":
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    return logits[torch.arange(B, device=logits.device), pos.to(logits.device)]
+    return torch.arange(B, device=pos.device), pos
 
 
-def answer_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean log-probability of each row's answer tokens (labels != -100, eos included) under `logits`.
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every position whose logits predict an answer token (labels[:, col + 1] != -100, eos
+    included), row-major; for `model.logits(batch, at=...)` -> (N, V) and `answer_loglik`.
 
-    Length normalisation keeps long titles from losing merely for having more tokens. Only the labelled
-    positions go through log_softmax, so a (rows x vocab) matrix is never built for the whole sequence.
+    Raises:
+        ValueError: a row has no answer tokens.
+    """
+    mask = labels[:, 1:] != -100  # (B, L-1): position l predicts token l+1
+    if not mask.any(dim=1).all():
+        raise ValueError("a row has no answer tokens (was the batch built with with_answer=True?)")
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def answer_loglik(tok_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability of each row's answer tokens (labels != -100, eos included).
+
+    Length normalisation keeps long titles from losing merely for having more tokens.
+
+    Args:
+        tok_logits: (N, V) logits at `scored_positions(labels)`, in that order.
+        labels: (B, L) answer-only labels.
 
     Returns:
         (B,) float tensor.
     """
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    mask = shift_labels != -100  # (B, L-1)
-    if not mask.any(dim=1).all():
-        raise ValueError("answer_loglik: a row has no answer tokens (was the batch built with with_answer=True?)")
-    lp = torch.log_softmax(shift_logits[mask].float(), dim=-1)  # (n, V)
-    tok_lp = lp.gather(1, shift_labels[mask].unsqueeze(1)).squeeze(1)  # (n,)
-    row = mask.nonzero()[:, 0]
-    total = torch.zeros(logits.shape[0], device=logits.device).index_add_(0, row, tok_lp)
-    return total / mask.sum(dim=1)
+    rows, cols = scored_positions(labels)
+    if tok_logits.shape[0] != rows.numel():
+        raise ValueError(f"answer_loglik: {tok_logits.shape[0]} logit rows for {rows.numel()} answer positions")
+    targets = labels[rows, cols + 1].to(tok_logits.device)
+    tok_lp = torch.log_softmax(tok_logits.float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+    rows = rows.to(tok_logits.device)
+    total = torch.zeros(labels.shape[0], device=tok_logits.device).index_add_(0, rows, tok_lp)
+    return total / torch.bincount(rows, minlength=labels.shape[0])
 
 
 def rank_of(scores: torch.Tensor, target: int) -> int:
@@ -275,4 +291,5 @@ def _gather_predictions(local: dict[int, Any], n: int, world: int, task: str) ->
     return {"text": ordered}
 
 
-__all__ = ["answer_loglik", "decode_new_tokens", "evaluate_model", "logits_at_answer", "parse_rating"]
+__all__ = ["answer_loglik", "answer_position", "decode_new_tokens", "evaluate_model", "parse_rating",
+           "scored_positions"]

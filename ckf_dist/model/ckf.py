@@ -178,9 +178,18 @@ class CKFModel(nn.Module):
                                          position_ids=position_ids, use_cache=False)
         return out.last_hidden_state, anchor  # (B, L, D)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """(B, L, V) logits of the fused and routed model (evaluation scoring)."""
+    def logits(self, batch: Batch, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of the fused and routed model (evaluation scoring).
+
+        Args:
+            at: (rows, cols), two (N,) index tensors: the LM head runs only at those positions and (N, V) is
+                returned. With a 49k vocabulary the head over every position is a large share of a scoring pass
+                (and (B, L, V) floats of memory), while scoring reads one position per row (CTR, rating) or the
+                answer tokens (top-K candidates). None: all positions, (B, L, V).
+        """
         hidden, _ = self._hidden(batch)
+        if at is not None:
+            hidden = hidden[at[0].to(hidden.device), at[1].to(hidden.device)]  # (N, D)
         return self.llm.get_output_embeddings()(hidden)
 
     def forward(self, batch: Batch, text_weight: float = 0.0, loss_norm: str = "token") -> CKFOutput:

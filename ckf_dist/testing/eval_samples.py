@@ -43,9 +43,10 @@ class FakeCKF(nn.Module):
         cf = (self.user[batch.user_ids.clamp(min=0) % 64] * batch.is_cf[:, None])[:, None]  # (B, 1, d)
         return x.cumsum(dim=1) + cf
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         self.calls += 1
-        return torch.tanh(self._base(batch)) @ self.out  # (B, L, V)
+        h = self._base(batch)
+        return torch.tanh(h if at is None else h[at[0], at[1]]) @ self.out  # (B, L, V), or (N, V) at (rows, cols)
 
     def generate(self, batch: Batch, max_new_tokens: int, num_beams: int = 1, synced_gpus: bool = False) -> torch.Tensor:
         self.calls += 1

@@ -13,10 +13,11 @@ from ckf_dist.data.collate import Collator, answer_token_ids
 from ckf_dist.eval.baselines import evaluate_cf_baseline
 from ckf_dist.eval.evaluate import (
     answer_loglik,
+    answer_position,
     decode_new_tokens,
     evaluate_model,
-    logits_at_answer,
     parse_rating,
+    scored_positions,
 )
 from ckf_dist.metrics import ndcg_at_k, rank_of_target
 from ckf_dist.tasks import CTR_ANSWERS, RATING_ANSWERS
@@ -28,15 +29,18 @@ def _one_row(tok, sample, answer: str | None = None):
     return Collator(tok, 128, 10, "right", with_answer=True)([sample], ("cf",), None if answer is None else [answer])
 
 
-def test_logits_at_answer_left_equals_right(tiny_tokenizer) -> None:
+def test_answer_position_left_equals_right(tiny_tokenizer) -> None:
     model = FakeCKF(len(tiny_tokenizer))
     samples = [s for s in make_samples() if s["task"] == "ctr"][:5]
     right = Collator(tiny_tokenizer, 128, 10, "right", with_answer=True)(samples)
     left = Collator(tiny_tokenizer, 128, 10, "left", with_answer=False)(samples)
-    a = logits_at_answer(model.logits(right), right, "right")
-    b = logits_at_answer(model.logits(left), left, "left")
+    a = model.logits(right, at=answer_position(right, "right"))
+    b = model.logits(left, at=answer_position(left, "left"))
     torch.testing.assert_close(a, b)
     assert not torch.equal(a[0], a[1])
+    # The answer's first token follows the prompt: right-padded, its label sits right after the scored position.
+    rows, cols = answer_position(right, "right")
+    assert (right.labels[rows, cols] == -100).all() and (right.labels[rows, cols + 1] != -100).all()
 
 
 def test_answer_loglik_matches_loop() -> None:
@@ -50,7 +54,13 @@ def test_answer_loglik_matches_loop() -> None:
     for b in range(3):
         lp = [torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 6) if labels[b, t] != -100]
         want.append(sum(lp) / len(lp))
-    torch.testing.assert_close(answer_loglik(logits, labels), torch.stack(want))
+    rows, cols = scored_positions(labels)
+    torch.testing.assert_close(answer_loglik(logits[rows, cols], labels), torch.stack(want))
+    with pytest.raises(ValueError, match="3 logit rows for 8 answer positions"):
+        answer_loglik(logits[0, :3], labels)
+    labels[2, 5] = -100
+    with pytest.raises(ValueError, match="a row has no answer tokens"):
+        scored_positions(labels)
 
 
 def test_parse_and_decode(tiny_tokenizer) -> None:

@@ -46,6 +46,18 @@ def test_mixed_batch_equals_each_task_alone(tiny_llm, tiny_tokenizer):
         torch.testing.assert_close(rows_mixed[idx], rows_alone, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_at_positions_equal_the_full_logits_there(tiny_llm, tiny_tokenizer):
+    from ckf_dist.eval.evaluate import scored_positions
+
+    model = make_model(tiny_llm, tiny_tokenizer)
+    batch = collate(tiny_tokenizer, mixed_samples())
+    rows, cols = scored_positions(batch.labels)
+    with torch.no_grad():
+        full, part = model.logits(batch), model.logits(batch, at=(rows, cols))
+    assert part.shape == (rows.numel(), full.shape[-1]) and rows.numel() < full.shape[0] * full.shape[1] / 2
+    torch.testing.assert_close(part, full[rows, cols], atol=1e-6, rtol=1e-6)
+
+
 def test_routing_uses_the_rows_task(tiny_llm, tiny_tokenizer):
     model = make_model(tiny_llm, tiny_tokenizer)
     batch = collate(tiny_tokenizer, mixed_samples())
