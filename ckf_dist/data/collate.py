@@ -3,11 +3,16 @@
 Prompts end with "Answer:"; the answer is appended as " <answer></s>". When a prompt is too long we
 drop whole slot-free tokens from the left of the prompt body (the history), never the answer and
 never a slot token, so the k-th ITEM_SLOT still lines up with slot_items[k].
+
+With a chat model (`chat_frame`) the prompt is the user turn of the tokenizer's chat template and the answer the
+assistant turn: [template prefix] prompt [end of user turn, assistant header] answer <eos>. The template's parts are
+tokenised once and never truncated; the labels still cover exactly the answer and the end-of-turn token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -15,20 +20,70 @@ from ckf_dist.data.batch import Batch
 from ckf_dist.data.schema import PromptSample
 from ckf_dist.tasks import ITEM_SLOT, USER_SLOT, task_id
 
+_CONTENT = "\x00ckf-content\x00"  # stands for the prompt (or answer) when a chat template is rendered once
 
-def encode_answer(tokenizer, answer: str) -> list[int]:
-    """Token ids of an answer as it follows "Answer:" (with its leading space).
+
+@dataclass(frozen=True)
+class ChatFrame:
+    """A chat template cut around the user turn's content.
+
+    Attributes:
+        prefix: ids before the prompt (the system turn, the user header; the template's own bos).
+        suffix: ids after it (end of the user turn, the assistant header): the answer follows directly.
+    """
+
+    prefix: list[int]
+    suffix: list[int]
+
+
+def chat_frame(tokenizer, mode: str = "auto", system_prompt: str | None = None) -> ChatFrame | None:
+    """The tokenizer's chat template as a ChatFrame, or None for plain prompts (model.chat_template,
+    model.system_prompt).
+
+    The template is rendered once with a placeholder as the user's content and cut there, so the prompt itself is
+    tokenised on its own (and can be truncated) while the template's parts stay whole.
+
+    Raises:
+        ValueError: mode 'on' and no template; a template that does not place the content exactly once; an assistant
+            turn that does not end with the tokenizer's eos token (the answer terminator and generation's stop).
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"chat_template mode must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off" or (mode == "auto" and not getattr(tokenizer, "chat_template", None)):
+        return None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("model.chat_template='on' but the tokenizer has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json's chat_template); use 'auto' or 'off'")
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    user = [*system, {"role": "user", "content": _CONTENT}]
+    text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    if text.count(_CONTENT) != 1:
+        raise ValueError(f"the chat template places the user's content {text.count(_CONTENT)} times, expected once")
+    before, after = text.split(_CONTENT)
+    turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": _CONTENT}], tokenize=False)
+    closing = turn.split(_CONTENT)[-1].lstrip()
+    if tokenizer.eos_token is None or not closing.startswith(tokenizer.eos_token):
+        raise ValueError(f"the chat template ends an assistant turn with {closing[:20]!r}, not the tokenizer's eos "
+                         f"token {tokenizer.eos_token!r} that ends every answer and stops generation; set "
+                         f"model.chat_template='off' or give the tokenizer that eos token")
+    ids = tokenizer([before, after], add_special_tokens=False)["input_ids"]
+    return ChatFrame(prefix=ids[0], suffix=ids[1])
+
+
+def encode_answer(tokenizer, answer: str, leading_space: bool = True) -> list[int]:
+    """Token ids of an answer as it follows "Answer:" (with its leading space), or, in a chat template's assistant
+    turn (leading_space=False), as the turn's content.
 
     Sentencepiece tokenizers may emit a lone "▁" piece for the space; it is dropped so that the first
     answer id is the answer's own first token (the one CTR/rating scoring reads).
     """
-    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    ids = tokenizer((" " if leading_space else "") + answer, add_special_tokens=False)["input_ids"]
     if len(ids) > 1 and tokenizer.decode(ids[:1]).strip() == "":
         ids = ids[1:]
     return ids
 
 
-def answer_token_ids(tokenizer, answers: Sequence[str]) -> list[int]:
+def answer_token_ids(tokenizer, answers: Sequence[str], leading_space: bool = True) -> list[int]:
     """The single token id of each answer option (e.g. "No"/"Yes", "1".."5").
 
     Raises:
@@ -36,7 +91,7 @@ def answer_token_ids(tokenizer, answers: Sequence[str]) -> list[int]:
     """
     out = []
     for a in answers:
-        ids = encode_answer(tokenizer, a)
+        ids = encode_answer(tokenizer, a, leading_space)
         if len(ids) != 1:
             raise ValueError(f"answer option {a!r} tokenises to {len(ids)} tokens {ids}; the tokenizer must "
                              f"encode each of {list(answers)} as one token")
@@ -53,13 +108,14 @@ class Collator:
         history_len: width of Batch.history.
         padding_side: "right" for training, "left" for generation.
         with_answer: False builds prompt-only rows (generation / candidate scoring adds its own).
+        chat: the tokenizer's chat template around each prompt (`chat_frame`), or None for plain prompts.
 
     Example:
         >>> batch = Collator(tok, max_length=256, history_len=10)(samples, variants=("cf",))
     """
 
     def __init__(self, tokenizer, max_length: int, history_len: int, padding_side: str = "right",
-                 with_answer: bool = True) -> None:
+                 with_answer: bool = True, chat: ChatFrame | None = None) -> None:
         for tokn in (USER_SLOT, ITEM_SLOT):
             if tokn not in tokenizer.get_vocab():
                 raise ValueError(f"tokenizer lacks the slot token {tokn!r}; add it with "
@@ -73,9 +129,14 @@ class Collator:
         self.history_len = history_len
         self.padding_side = padding_side
         self.with_answer = with_answer
+        self.chat = chat
         self.user_slot_id = tokenizer.convert_tokens_to_ids(USER_SLOT)
         self.item_slot_id = tokenizer.convert_tokens_to_ids(ITEM_SLOT)
         self._answer_cache: dict[str, list[int]] = {}
+
+    def option_ids(self, answers: Sequence[str]) -> list[int]:
+        """The single token id of each answer option as this collator encodes answers (see answer_token_ids)."""
+        return answer_token_ids(self.tok, answers, leading_space=self.chat is None)
 
     def encode(self, sample: PromptSample, variant: str, answer: str | None = None) -> tuple[list[int], int]:
         """Ids of one row and the length of its prompt part. `answer` overrides sample["answer"]."""
@@ -83,21 +144,25 @@ class Collator:
         return self._assemble(self.tok(prompt, add_special_tokens=False)["input_ids"], sample, answer)
 
     def _assemble(self, p_ids: list[int], sample: PromptSample, answer: str | None) -> tuple[list[int], int]:
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        if self.chat is not None:  # the template brings its own bos (or none)
+            head, tail = self.chat.prefix, self.chat.suffix
+        else:
+            head, tail = ([self.tok.bos_token_id] if self.tok.bos_token_id is not None else []), []
         a_ids: list[int] = []
         if self.with_answer:
             ans = sample["answer"] if answer is None else answer
             if ans not in self._answer_cache:
-                self._answer_cache[ans] = encode_answer(self.tok, ans)
+                self._answer_cache[ans] = encode_answer(self.tok, ans, leading_space=self.chat is None)
             a_ids = self._answer_cache[ans] + [self.tok.eos_token_id]
-        budget = self.max_length - len(bos) - len(a_ids)
+        budget = self.max_length - len(head) - len(tail) - len(a_ids)
         if budget < 8:
-            raise ValueError(f"sample {sample['key']}: answer ({len(a_ids)} tokens) leaves no room for the prompt "
-                             f"within model.max_length={self.max_length}")
+            raise ValueError(f"sample {sample['key']}: answer ({len(a_ids)} tokens) and chat template ("
+                             f"{len(head) + len(tail)} tokens) leave no room for the prompt within "
+                             f"model.max_length={self.max_length}")
         if len(p_ids) > budget:
             p_ids = self._truncate_left(p_ids, budget)
-        ids = bos + p_ids + a_ids
-        return ids, len(bos) + len(p_ids)
+        ids = head + p_ids + tail + a_ids
+        return ids, len(ids) - len(a_ids)
 
     def _truncate_left(self, ids: list[int], budget: int) -> list[int]:
         # Drop plain tokens from the left; keep every slot so the slot -> id alignment survives.

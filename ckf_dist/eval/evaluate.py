@@ -18,7 +18,7 @@ import torch
 
 from ckf_dist.config import RunConfig
 from ckf_dist.data.batch import Batch
-from ckf_dist.data.collate import Collator, answer_token_ids
+from ckf_dist.data.collate import Collator, chat_frame
 from ckf_dist.data.schema import PromptSample
 from ckf_dist.eval.summary import check_topk_sample, task_metrics
 from ckf_dist.tasks import CTR_ANSWERS, RATING_ANSWERS, TASKS
@@ -93,7 +93,8 @@ class _Scorer:
     def __init__(self, model: Any, tokenizer: Any, cfg: RunConfig, variant: str, world: int) -> None:
         self.model, self.tok, self.cfg, self.variant, self.world = model, tokenizer, cfg, variant, world
         self.device = _model_device(model)
-        common = {"max_length": cfg.model.max_length, "history_len": cfg.data.history_len}
+        common = {"max_length": cfg.model.max_length, "history_len": cfg.data.history_len,
+                  "chat": chat_frame(tokenizer, cfg.model.chat_template, cfg.model.system_prompt)}
         # Scoring reads positions inside each row, so right padding keeps every row's positions 0..len-1;
         # generation continues after the last column, so its prompts are left-padded.
         self.score_rows = Collator(tokenizer, padding_side="right", with_answer=False, **common)
@@ -124,13 +125,13 @@ class _Scorer:
     # --- one method per task: a list of samples -> one prediction per sample -------------------------------
 
     def _ctr(self, chunk: list[PromptSample]) -> list[float]:
-        no_id, yes_id = answer_token_ids(self.tok, CTR_ANSWERS)
+        no_id, yes_id = self.score_rows.option_ids(CTR_ANSWERS)
         logits = self._answer_logits(chunk)  # (B, V)
         p_yes = torch.softmax(logits[:, [no_id, yes_id]].float(), dim=-1)[:, 1]
         return p_yes.tolist()
 
     def _rating(self, chunk: list[PromptSample]) -> list[tuple[float, float, bool]]:
-        ids = answer_token_ids(self.tok, RATING_ANSWERS)
+        ids = self.score_rows.option_ids(RATING_ANSWERS)
         values = torch.tensor([float(a) for a in RATING_ANSWERS])
         logits = self._answer_logits(chunk)
         expected = torch.softmax(logits[:, ids].float(), dim=-1).cpu() @ values  # (B,)

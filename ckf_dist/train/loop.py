@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ckf_dist.cf.export import CFEmbeddings
 from ckf_dist.config import RunConfig
-from ckf_dist.data.collate import Collator
+from ckf_dist.data.collate import Collator, chat_frame
 from ckf_dist.data.stream import TaskStream
 from ckf_dist.model.ckf import CKFModel
 from ckf_dist.tasks import TASK_ID, TASKS
@@ -71,7 +71,8 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(cfg)))
     ckf = engine.module
-    collator = Collator(tokenizer, cfg.model.max_length, cfg.data.history_len)
+    collator = Collator(tokenizer, cfg.model.max_length, cfg.data.history_len,
+                        chat=chat_frame(tokenizer, cfg.model.chat_template, cfg.model.system_prompt))
     streams = {t: TaskStream(cfg.data.prepared_dir, "train", t, rank, world, cfg.data.seed) for t in cfg.data.tasks}
     T = cfg.train.curriculum_steps or cfg.train.max_steps
     mixture = TaskMixture(cfg.data.tasks, cfg.train.sampler, cfg.train.sampler_temperature, cfg.train.sampler_floor,
