@@ -3,11 +3,16 @@ Each stage takes and returns explicit artifacts and is skipped when its output i
 
   stage      writes (under log.run_dir)                 code                                   skipped when
   prepare    data/: manifest.json, Parquet, shards       data/preprocess.py (rank 0, Ray Data)  manifest matches config
-  cf         cf/embeddings.safetensors, tb/cf            cf/train_cf.py (all ranks)             tables match the data
+  cf         cf/embeddings.safetensors, tb/cf            cf/train_cf.py (all ranks)             tables match the data,
+                                                                                                or no CF data (alpaca)
   base       base_model/ (tiny Llama + tokenizer)        model/llm.py, model/hub.py (rank 0)    model.base_model, or built
   finetune   checkpoints/, tb/ckf, metrics.jsonl         train/loop.py (ZeRO-3)                 resumes from a checkpoint
   export     adapters/<task>/ (peft LoRA), fusion        train/export.py                        (always; seconds)
   evaluate   metrics.json, report.md, plots/*.png        eval/run.py                            (always)
+
+data.source='alpaca' (finished instruction prompts: no users, items or interactions) has no CF stage: the model is
+fine-tuned on the text prompts only (train.prompts='text', required by the config) around a placeholder CF table
+that no prompt reads (eval/run.py::placeholder_cf), and the report has one row, "LLM (text-only)".
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ckf_dist.cf.export import CFEmbeddings, load_cf_embeddings
 from ckf_dist.config import RunConfig, save_config
 from ckf_dist.data.preprocess import prepare_data
 from ckf_dist.data.schema import manifest_sha256
-from ckf_dist.eval.run import evaluate_all, report, run_eval
+from ckf_dist.eval.run import evaluate_all, has_cf, placeholder_cf, report, run_eval
 from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
@@ -58,17 +63,24 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     data = prepare_stage(cfg, rank)
     m = data.manifest
     say(f"[ckf] data: {m['num_users']} users, {m['num_items']} items, prompts {m['counts']}")
-    cf = cf_stage(cfg, data)
-    say(f"[ckf] CF tables: users {tuple(cf.user.shape)}, items {tuple(cf.item.shape)}")
+    if has_cf(cfg):
+        cf = cf_stage(cfg, data)
+        say(f"[ckf] CF tables: users {tuple(cf.user.shape)}, items {tuple(cf.item.shape)}")
+    else:
+        cf = placeholder_cf(cfg)
+        say(f"[ckf] CF stage skipped: data.source={cfg.data.source!r} has no users, items or interactions; "
+            f"fine-tuning the text-only LLM (train.prompts='text', no CF vectors reach it)")
     base_dir = base_model_stage(cfg, data, rank)
 
     limit = cfg.eval.max_samples_per_task or 64
+    # Validate on the prompts the model is trained towards: text-only prompts for train.prompts='text'.
+    variant = "text" if cfg.train.prompts == "text" else "cf"
     tuned = finetune(cfg, base_dir, cf, rank, world,
-                     validate=lambda model, tok: run_eval(cfg, model, tok, "valid", "cf", rank, world, limit))
+                     validate=lambda model, tok: run_eval(cfg, model, tok, "valid", variant, rank, world, limit))
     if tuned.stopped:
         return {}
     export_adapters(tuned, run_dir / "adapters", base_dir, rank)
-    # CKF and the baselines on the same test samples.
+    # CKF (or the text-only LLM) and the baselines on the same test samples.
     results = evaluate_all(cfg, tuned.model, tuned.tokenizer, cf, rank, world)
     if rank == 0:
         report(run_dir, results, step=cfg.train.max_steps)

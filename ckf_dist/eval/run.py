@@ -2,6 +2,9 @@
 (`evaluate_all`, also the end of the main job); and `evaluate_run`, which rebuilds the CKF model (KFM fusion + MTM
 Multi-LoRA) of a finished run directory from its exported adapters and the frozen CF tables (CKEM) and evaluates it
 (`launchers/evaluate.py`, `ckf-dist evaluate`). Reports are written on rank 0.
+
+data.source='alpaca' (finished text prompts, no users, items or interactions) has no CF tables: the model is the
+text-only LLM (MTM without KFM) and gets `placeholder_cf` instead; its one row is "read" by no prompt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,27 @@ import torch
 
 from ckf_dist.config import RunConfig
 from ckf_dist.model.hub import resolve_base_model
+
+
+def has_cf(cfg: RunConfig) -> bool:
+    """Whether the data has interactions for a CF model (every source but 'alpaca': finished text prompts)."""
+    return cfg.data.source != "alpaca"
+
+
+def placeholder_cf(cfg: RunConfig):
+    """The CF tables of a run without CF data (data.source='alpaca'): one zero user and one zero item of cf.dim.
+
+    CKFModel always carries its fusion modules (MetaNet, Proj_U / Proj_V need a (U, d) / (V, d) table, U, V >= 1),
+    but no alpaca prompt has a CF slot (slot tokens in the records are neutralised when prepared), so these rows
+    never reach the LLM: the fusion output is discarded and its parameters only get the zero anchor gradient. The
+    table is rebuilt identically from the config wherever the model is (training, `evaluate_run`), so the exported
+    fusion weights (d = cf.dim) load back; it is never written to disk and never scored (no CF baseline).
+    """
+    from ckf_dist.cf.export import CFEmbeddings
+
+    d = cfg.cf.dim
+    return CFEmbeddings(torch.zeros(1, d), torch.zeros(1, d),
+                        {"d": d, "model": "none (data.source=alpaca: no interactions)", "num_users": 1, "num_items": 1})
 
 
 def run_paths(cfg: RunConfig) -> dict[str, Path]:
@@ -44,6 +68,8 @@ def check_run_dir(cfg: RunConfig) -> dict[str, Path]:
         "cf": "train the CF model (ckf-dist train-cf) or set cf.embeddings_path",
         "prepared": "prepare the data (ckf-dist prepare) or set data.prepared_dir",
     }
+    if not has_cf(cfg):
+        del hints["cf"]  # no CF tables to load: placeholder_cf
     missing = [f"{name}: {paths[name]} not found; {hint}" for name, hint in hints.items() if not paths[name].exists()]
     if missing:
         raise FileNotFoundError("cannot evaluate this run:\n  " + "\n  ".join(missing))
@@ -69,7 +95,8 @@ def evaluate_run(cfg: RunConfig, write: bool = True) -> dict[str, dict[str, floa
 
     rank, world = init_distributed(cfg)
     # Tables trained on other data would pair embeddings with the wrong users: refused, both checksums named.
-    cf = load_cf_embeddings(paths["cf"], expected_manifest_sha=manifest_sha256(paths["prepared"]))
+    cf = (load_cf_embeddings(paths["cf"], expected_manifest_sha=manifest_sha256(paths["prepared"])) if has_cf(cfg)
+          else placeholder_cf(cfg))
     tokenizer = load_tokenizer(paths["base_model"])
     model = load_ckf_model(paths["base_model"], paths["adapters"], cf.user, cf.item, cfg.model, cfg.multi_lora)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
@@ -107,20 +134,23 @@ def run_eval(cfg: RunConfig, model, tokenizer, split: str, variant: str, rank: i
 
 def eval_samples(cfg: RunConfig, split: str, limit: int = 0) -> list:
     """The samples every model is evaluated on: all of `split` for data.tasks, or with `limit` > 0 the seeded user
-    subset of `cap_per_task` (seed data.seed), so that CKF and each baseline see exactly the same samples."""
+    subset of `cap_per_task` (seed data.seed), so that CKF and each baseline see exactly the same samples.
+
+    data.source='alpaca' has no users (every record is stored as user 0): there each record is its own unit, so the
+    cap is a seeded random subset of `limit` records rather than "user 0 whole", which would be every record."""
     from ckf_dist.data.prompts import load_samples
 
     samples = load_samples(cfg.data.prepared_dir, split, cfg.data.tasks)
-    return cap_per_task(samples, limit, seed=cfg.data.seed) if limit else samples
+    return cap_per_task(samples, limit, seed=cfg.data.seed, by_user=has_cf(cfg)) if limit else samples
 
 
-def _user_order(seed: int, uid: int) -> bytes:
+def _user_order(seed: int, uid: int | str) -> bytes:
     """A user's place in the seeded random order: a hash of (seed, uid), so that it does not depend on which other
     users or tasks are present, nor on the Python process (no `hash()`, no global RNG)."""
     return hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest()
 
 
-def cap_per_task(samples: list, limit: int, seed: int) -> list:
+def cap_per_task(samples: list, limit: int, seed: int, by_user: bool = True) -> list:
     """A seeded random sample of users for each task: whole users, at most `limit` samples per task.
 
     For each task, users are visited in a random order fixed by `seed` (the same on every rank and every run, and the
@@ -129,14 +159,16 @@ def cap_per_task(samples: list, limit: int, seed: int) -> list:
     it for smaller users would favour light users), so a task may get up to one user's samples fewer than `limit`.
     Only when the first user alone has more than `limit` samples is
     the limit exceeded: that user is taken whole rather than leaving the task empty or splitting a user, so per-user
-    metrics (UAUC) always see whole users.
+    metrics (UAUC) always see whole users. With `by_user=False` every sample is its own unit (keyed by its sample
+    key): a seeded random `limit` samples per task.
 
     Returns:
         the chosen samples, sorted by key like the input of `load_samples`.
     """
-    by_task: dict[str, dict[int, list]] = {}
+    by_task: dict[str, dict[int | str, list]] = {}
     for s in samples:
-        by_task.setdefault(s["task"], {}).setdefault(int(s["uid"]), []).append(s)
+        unit = int(s["uid"]) if by_user else str(s["key"])
+        by_task.setdefault(s["task"], {}).setdefault(unit, []).append(s)
     out = []
     for users in by_task.values():
         taken: list = []
@@ -149,7 +181,12 @@ def cap_per_task(samples: list, limit: int, seed: int) -> list:
 
 
 def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) -> dict[str, dict[str, Any]]:
-    """CKF (CF-slot prompts) and the configured baselines on the same test samples; NaN metrics become None."""
+    """CKF (CF-slot prompts) and the configured baselines on the same test samples; NaN metrics become None.
+
+    With train.prompts='text' the trained model is the text-only LLM, reported as "LLM (text-only)" (no CKF row).
+    Without CF data (data.source='alpaca') there are no users either: the per-user metrics (UAUC) and the warm /
+    cold groups (every record would count as one warm user) are left out, so the report shows overall metrics only.
+    """
     from ckf_dist.eval.baselines import evaluate_cf_baseline
 
     limit = cfg.eval.max_samples_per_task
@@ -160,5 +197,8 @@ def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) ->
         results["CKF, text prompts"] = run_eval(cfg, model, tokenizer, cfg.eval.split, "text", rank, world, limit)
     if "cf" in cfg.eval.baselines:
         results[f"CF ({cfg.cf.model})"] = evaluate_cf_baseline(cf, eval_samples(cfg, cfg.eval.split, limit), cfg)
+    if not has_cf(cfg):
+        results = {k: {m: v for m, v in r.items() if not (m.startswith("uauc_") or m.endswith(("/warm", "/cold")))}
+                   for k, r in results.items()}
     return {k: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()}
             for k, r in results.items()}
