@@ -25,6 +25,9 @@ TINY = [
     "eval.max_samples_per_task=6", "eval.max_new_tokens=6", "log.every=1", "log.progress=false",
 ]
 
+TINY_FILES = [o for o in TINY if not o.startswith("data.synthetic.")]
+"""TINY without the synthetic generator's sizes, for jobs on data files (data.source='table' / 'alpaca')."""
+
 
 def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
     ds = Path(sys.executable).with_name("deepspeed")
