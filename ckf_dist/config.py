@@ -412,6 +412,9 @@ class EvalConfig:
     """Cap on evaluation samples per task (0 = all): whole users in a random order seeded by data.seed, the same
     subset for CKF and every baseline, on every rank and run (eval.run.cap_per_task); only a single user with more
     samples than the cap is taken whole above it."""
+    max_samples_by_task: dict[str, int] = field(default_factory=dict)
+    """Per-task caps that replace max_samples_per_task for the tasks named (0 = all), e.g. {topk: 30}: one top-K
+    sample is num_candidates scored rows, so on a CPU a cap that suits CTR makes top-K scoring dominate the run."""
     batch_size: int = 16
     split: Literal["valid", "test"] = "test"
     ks: list[int] = field(default_factory=lambda: [1, 3, 5])
@@ -427,6 +430,10 @@ class EvalConfig:
 
     def problems(self, p: str) -> list[str]:
         out = _out_of_range(p, self, ">= 0", "max_samples_per_task")
+        if bad := sorted(set(self.max_samples_by_task) - set(TASKS)):
+            out.append(f"{p}.max_samples_by_task has unknown task(s) {bad}; tasks are {list(TASKS)}")
+        if neg := {t: n for t, n in self.max_samples_by_task.items() if n < 0}:
+            out.append(f"{p}.max_samples_by_task must be >= 0 (0 = all), got {neg}")
         out += _out_of_range(p, self, "> 0", "batch_size", "max_new_tokens", "num_beams")
         if not self.ks or any(k <= 0 for k in self.ks):
             out.append(f"{p}.ks must be a non-empty list of positive integers, got {self.ks}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,10 @@ def eval_samples(cfg: RunConfig, split: str, limit: int = 0) -> list:
     from ckf_dist.data.prompts import load_samples
 
     samples = load_samples(cfg.data.prepared_dir, split, cfg.data.tasks)
-    return cap_per_task(samples, limit, seed=cfg.data.seed, by_user=has_cf(cfg)) if limit else samples
+    per_task = cfg.eval.max_samples_by_task
+    if not limit and not any(per_task.values()):
+        return samples
+    return cap_per_task(samples, limit, seed=cfg.data.seed, by_user=has_cf(cfg), per_task=per_task)
 
 
 def _user_order(seed: int, uid: int | str) -> bytes:
@@ -150,7 +154,8 @@ def _user_order(seed: int, uid: int | str) -> bytes:
     return hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest()
 
 
-def cap_per_task(samples: list, limit: int, seed: int, by_user: bool = True) -> list:
+def cap_per_task(samples: list, limit: int, seed: int, by_user: bool = True,
+                 per_task: Mapping[str, int] | None = None) -> list:
     """A seeded random sample of users for each task: whole users, at most `limit` samples per task.
 
     For each task, users are visited in a random order fixed by `seed` (the same on every rank and every run, and the
@@ -160,7 +165,7 @@ def cap_per_task(samples: list, limit: int, seed: int, by_user: bool = True) -> 
     Only when the first user alone has more than `limit` samples is
     the limit exceeded: that user is taken whole rather than leaving the task empty or splitting a user, so per-user
     metrics (UAUC) always see whole users. With `by_user=False` every sample is its own unit (keyed by its sample
-    key): a seeded random `limit` samples per task.
+    key): a seeded random `limit` samples per task. `per_task` replaces `limit` for the tasks it names (0: all).
 
     Returns:
         the chosen samples, sorted by key like the input of `load_samples`.
@@ -170,10 +175,14 @@ def cap_per_task(samples: list, limit: int, seed: int, by_user: bool = True) -> 
         unit = int(s["uid"]) if by_user else str(s["key"])
         by_task.setdefault(s["task"], {}).setdefault(unit, []).append(s)
     out = []
-    for users in by_task.values():
+    for task, users in by_task.items():
+        cap = (per_task or {}).get(task, limit)
+        if not cap:
+            out += [x for u in users.values() for x in u]
+            continue
         taken: list = []
         for uid in sorted(users, key=lambda u: (_user_order(seed, u), u)):
-            if taken and len(taken) + len(users[uid]) > limit:
+            if taken and len(taken) + len(users[uid]) > cap:
                 break
             taken += users[uid]
         out += taken

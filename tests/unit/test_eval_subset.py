@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import random
 
-from ckf_dist.config import load_config
+import pytest
+
+from ckf_dist.config import ConfigError, load_config
 from ckf_dist.eval.run import cap_per_task, eval_samples
 
 
@@ -70,3 +72,24 @@ def test_eval_samples_caps_with_data_seed(monkeypatch):
     cfg = load_config(None, ["data.seed=3", "eval.max_samples_per_task=6"])
     assert eval_samples(cfg, "test", 6) == cap_per_task(samples, 6, seed=3) != cap_per_task(samples, 6, seed=4)
     assert eval_samples(cfg, "test", 0) == samples
+
+
+def test_per_task_caps_replace_the_common_one_for_the_tasks_named():
+    ctr, topk = _samples({u: 1 for u in range(40)}), _samples({u: 1 for u in range(40)}, "topk")
+    samples = sorted(ctr + topk, key=lambda s: s["key"])
+    got = cap_per_task(samples, 10, seed=0, per_task={"topk": 3})
+    assert len(_users(got, "ctr")) == 10 and len(_users(got, "topk")) == 3
+    # Users are visited in the same order for every task: the 3 top-K users are among the 10 CTR users.
+    assert _users(got, "topk") <= _users(got, "ctr")
+    everything = cap_per_task(samples, 0, seed=0, per_task={"topk": 3})  # 0: CTR uncapped
+    assert len(_users(everything, "ctr")) == 40 and len(_users(everything, "topk")) == 3
+    assert cap_per_task(samples, 10, seed=0, per_task={"topk": 0}) == sorted(
+        [s for s in got if s["task"] == "ctr"] + topk, key=lambda s: s["key"])
+
+
+def test_per_task_caps_config():
+    cfg = load_config(None, ["eval.max_samples_by_task={topk: 30}"])
+    assert cfg.eval.max_samples_by_task == {"topk": 30}
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.max_samples_by_task={tpk: 3, ctr: -1}"])
+    assert "unknown task(s) ['tpk']" in str(e.value) and "must be >= 0 (0 = all), got {'ctr': -1}" in str(e.value)
