@@ -38,7 +38,31 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
                                timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        release_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def release_shm_buffer() -> bool:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer from /dev/shm, once every rank has mapped it.
+
+    DeepSpeed's CPU comm (csrc/cpu/comm/shm.cpp) creates one 67 MB file per rank,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never removes it: every run
+    (and every killed run) leaves 67 MB x ranks of RAM behind in the tmpfs; 120 of them (8 GB) had piled up here and
+    got a SmolLM2 rank OOM-killed. Every rank maps all the others' files inside deepspeed.init_distributed, so
+    after a barrier each file can be unlinked: the mappings stay valid until the process exits (like an open, deleted
+    file), and a rank killed later leaves nothing. Returns whether a file was removed.
+    """
+    import torch.distributed as dist
+
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()  # a rank still inside its shm set-up would spin forever on a file that is gone
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except FileNotFoundError:  # no shm comm (several nodes, or DeepSpeed built without it)
+        return False
+    return True
 
 
 def free_port() -> int:
