@@ -54,6 +54,29 @@ def test_converted_folder_is_a_plain_hf_checkpoint_that_answers(smollm2_dir: Pat
     assert "Paris" in answer, answer
 
 
+def test_collator_rows_are_the_chat_template_of_the_real_tokenizer(smollm2_dir: Path) -> None:
+    """SmolLM2's own template (with its default system turn): our rows equal transformers' rendering of (user:
+    prompt, assistant: answer) token for token, and the answer options are single tokens without a leading space."""
+    from ckf_dist.data.collate import Collator, chat_frame
+    from ckf_dist.model.llm import load_tokenizer
+    from ckf_dist.tasks import CTR_ANSWERS, RATING_ANSWERS
+    from ckf_dist.testing.eval_samples import make_samples
+
+    tok = load_tokenizer(smollm2_dir)
+    frame = chat_frame(tok, "auto", None)
+    assert frame is not None and tok.eos_token == "<|im_end|>"
+    col = Collator(tok, 512, 10, chat=frame)
+    assert len(set(col.option_ids(CTR_ANSWERS))) == 2 and len(set(col.option_ids(RATING_ANSWERS))) == 5
+    for s in [x for x in make_samples(3) if x["task"] in ("ctr", "rating")][:4]:
+        s = {**s, "answer": "Yes" if s["task"] == "ctr" else "4"}
+        row, plen = col.encode(s, "text")
+        turns = [{"role": "user", "content": s["prompt_text"]}, {"role": "assistant", "content": s["answer"]}]
+        text = tok.apply_chat_template(turns, tokenize=False)
+        want = tok(text[:text.rindex("<|im_end|>") + len("<|im_end|>")], add_special_tokens=False)["input_ids"]
+        assert row == want
+        assert tok.decode(row[plen:]) == s["answer"] + "<|im_end|>"
+
+
 def _zero3_step(rank: int, world: int, base_dir: str) -> dict:
     import deepspeed
     import torch.distributed as dist
