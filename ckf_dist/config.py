@@ -380,8 +380,14 @@ class TrainConfig:
     """Build the next step's micro-batches in a background thread while this step computes. The next step's task
     draws then use the mixture as it was one update earlier (lag one); resume is exact either way."""
     seed: int = 0
-    resume: Literal["never", "auto"] = "auto"
-    """'auto' resumes from the newest complete checkpoint in the run directory."""
+    resume: Literal["never", "auto", "force"] = "auto"
+    """'auto' resumes from the newest complete checkpoint in the run directory when the configuration it was written
+    with agrees on every field that shapes training (safe changes such as more max_steps or logging are applied and
+    logged; others refuse, listing them); 'force' resumes despite such changes, with a warning; 'never' starts
+    fresh."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (counted and logged); this many in a row stop the
+    run with an error."""
     ckpt_every: int = 50
     ckpt_keep: int = 2
     eval_every: int = 0
@@ -394,6 +400,7 @@ class TrainConfig:
         out += _out_of_range(p, self, ">= 0", "weight_decay")
         out += _out_of_range(p, self, "within [0, 1)", "warmup_ratio")
         out += _out_of_range(p, self, "> 0", "max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "ckpt_keep",
+                             "max_nonfinite_steps",
                              "collective_timeout_s")
         if self.grad_clip < 0:
             out.append(f"{p}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
