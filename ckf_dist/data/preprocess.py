@@ -342,6 +342,13 @@ def init_local_ray(num_cpus: int, object_store_mb: int) -> bool:
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p]])
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        # Loopback only: Ray binds GCS, raylet, agents and workers to the node IP, which is 127.0.0.1 only in its
+        # single-machine mode (read at `import ray`, hence the constant too). A cluster (RAY_ADDRESS) is unchanged.
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
