@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ckf_dist.cli import parse_run_args
+from ckf_dist.train.deepspeed_utils import loopback_interface
 
 
 def _worker(config: dict) -> None:
@@ -38,9 +39,19 @@ def main() -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        if args.address:
+        if args.address or os.environ.get("RAY_ADDRESS"):
+            # A cluster: its nodes bind as `ray start` set them up (cluster/ray/cluster.yaml); nothing changes here.
             ray.init(address=args.address)
         else:
+            # One machine: every Ray process on 127.0.0.1. Ray binds its servers to the node IP, loopback only in its
+            # single-machine mode (read at `import ray`, hence the constant too); the Ray Train workers inherit this
+            # env, so their gloo sockets are on the loopback interface too.
+            from ray._private import ray_constants
+
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            if (lo := loopback_interface()) is not None:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
             ray.init(num_cpus=max(cfg.data.ray_num_cpus, args.num_workers + 2),
                      object_store_memory=cfg.data.ray_object_store_mb * 2**20, include_dashboard=False)
     trainer = TorchTrainer(

@@ -14,6 +14,8 @@ import torch
 
 from ckf_dist.config import RunConfig
 
+LOOPBACK = "127.0.0.1"
+
 
 def init_distributed(cfg: RunConfig) -> tuple[int, int]:
     """Start (or join) the process group and return (rank, world).
@@ -21,6 +23,12 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
     Under `deepspeed`/`torchrun` the launcher's env vars (RANK, WORLD_SIZE, MASTER_ADDR...) are used; a plain
     `python launchers/train.py` runs as a 1-rank group so the same code path serves both. A collective that waits
     longer than train.collective_timeout_s raises instead of hanging forever (a dead or stuck peer).
+
+    Binding: a single-node run (MASTER_ADDR resolves to a loopback address: the default of the `deepspeed` launcher
+    on one node and of a plain run) listens on 127.0.0.1 only (`bind_single_node`). Several nodes need MASTER_ADDR
+    set to an address the other nodes reach (`deepspeed --hostfile`, `--master_addr`, Slurm): then nothing is
+    changed, torch's rendezvous store listens on all interfaces, and gloo / NCCL pick their interface from the
+    hostname or from GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, which the operator sets for the cluster network.
     """
     import deepspeed
     import torch.distributed as dist
@@ -29,18 +37,82 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1")
+                          MASTER_ADDR=LOOPBACK)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = cfg.train.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                               timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+    if is_loopback(os.environ.get("MASTER_ADDR", "")):
+        bind_single_node(backend, timeout)
+    # With the group already created above, DeepSpeed adopts it (and still sets up its CPU shm all-reduce).
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         release_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) resolves to a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), or None when there is none to name."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return "lo" if "lo" in names else next((n for n in names if n.startswith("lo")), None)
+
+
+def bind_single_node(backend: str, timeout: datetime.timedelta) -> None:
+    """Create the process group of a one-node job with every listening socket on 127.0.0.1.
+
+    - torch's rendezvous store (TCPStore, rank 0): its server listens on all interfaces (the wildcard address)
+      whatever MASTER_ADDR says; torch has no bind-address option, so rank 0 binds the socket to
+      127.0.0.1:MASTER_PORT itself and hands it over (`master_listen_fd`); the others connect to 127.0.0.1.
+    - gloo: each rank's listening socket is on the address of the interface gloo uses: GLOO_SOCKET_IFNAME's, else
+      the address the hostname resolves to (on most cluster nodes the network address); set to the loopback
+      interface here. NCCL's bootstrap socket likewise (NCCL_SOCKET_IFNAME; data moves over NVLink/PCIe/shm).
+    An interface variable the operator set is kept. Under torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE)
+    the store is torchrun's own (`torchrun --standalone` / `--rdzv-endpoint=localhost:PORT`); only gloo/NCCL
+    are bound here.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    if (lo := loopback_interface()) is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"rank 0 cannot listen on {LOOPBACK}:{port} (MASTER_PORT) for the rendezvous: {e}") from e
+        sock.listen(128)
+        # The store owns the descriptor from here (detach: Python's socket object would close it when collected).
+        store = dist.TCPStore(LOOPBACK, port, world, True, timeout=timeout, master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore(LOOPBACK, port, world, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def release_shm_buffer() -> bool:
