@@ -73,14 +73,24 @@ def export_task_adapters(model: CKFModel, out_dir: str | Path, base_model_name_o
     from peft import LoraConfig
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, dict[str, int]] = {}
     for name, layer in model.lora_layers.items():
         ranks[name] = {"shared": layer.shared.rank if layer.shared is not None else 0,
                        "task": layer.task_loras[layer.tasks[0]].rank if layer.tasks else 0}
     folders = {}
+    all_weights = {task: task_adapter_weights(model, task) for task in model.tasks}
+    fusion_state = {f"fusion.{k}": v.detach().cpu().contiguous() for k, v in model.fusion.state_dict().items()}
+    fusion_state.update({f"gate.{k}": v.detach().cpu().contiguous() for k, v in model.gate.state_dict().items()})
+    # Nothing is written when any value is NaN / inf: a diverged run must not leave loadable-looking adapters.
+    bad = [f"{task}:{n}" for task, w in all_weights.items() for n, (A, B) in w.items()
+           if not (torch.isfinite(A).all() and torch.isfinite(B).all())]
+    bad += [k for k, v in fusion_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to export: non-finite (NaN / inf) values in {len(bad)} tensor(s), e.g. "
+                         f"{bad[:5]}; nothing was written to {out}")
+    out.mkdir(parents=True, exist_ok=True)
     for task in model.tasks:
-        weights = task_adapter_weights(model, task)
+        weights = all_weights[task]
         module_rank = {n: A.shape[0] for n, (A, _) in weights.items()}
         r = max(module_rank.values(), key=list(module_rank.values()).count)  # the most common rank
         pattern = {n: k for n, k in module_rank.items() if k != r}
@@ -97,8 +107,6 @@ def export_task_adapters(model: CKFModel, out_dir: str | Path, base_model_name_o
             tensors[_peft_key(n, "lora_B")] = B.cpu()
         save_file(tensors, folder / ADAPTER_FILE, metadata={"format": "pt"})
         folders[task] = folder
-    fusion_state = {f"fusion.{k}": v.detach().cpu().contiguous() for k, v in model.fusion.state_dict().items()}
-    fusion_state.update({f"gate.{k}": v.detach().cpu().contiguous() for k, v in model.gate.state_dict().items()})
     if any(v.numel() == 0 for v in fusion_state.values()):
         raise ValueError("fusion weights are empty (ZeRO-3 partitioned); gather them before exporting")
     save_file(fusion_state, out / FUSION_FILE, metadata={"format": "pt"})

@@ -18,7 +18,15 @@ def export_adapters(tuned: Finetuned, out_dir: Path, base_dir: Path, rank: int) 
 
     params = tuned.model.trainable_parameters()
     zero3 = tuned.engine.zero_optimization_stage() == 3
+    err: list[str | None] = [None]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
         if rank == 0:
-            export_task_adapters(tuned.model, out_dir, str(base_dir))
-    dist.barrier()
+            try:
+                # Refuses (writes nothing) when a value is NaN / inf.
+                export_task_adapters(tuned.model, out_dir, str(base_dir))
+            except ValueError as e:
+                err[0] = str(e)
+    # Rank 0's refusal is every rank's: the others would otherwise go on to evaluate the same broken weights.
+    dist.broadcast_object_list(err, src=0)
+    if err[0] is not None:
+        raise ValueError(err[0])

@@ -30,10 +30,24 @@ class RunLogger:
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
 
     def log_dict(self, scalars: dict[str, Any], step: int) -> None:
-        clean = {k: float(v) for k, v in scalars.items() if v is not None and _finite(v)}
+        """None means "no value this step" (e.g. a task absent from the step) and is left out. A non-finite number
+        is never dropped: TensorBoard gets it as is (shown as NaN / inf) and metrics.jsonl the string "nan", "inf"
+        or "-inf" (strict JSON has no such numbers; float() reads the strings back), listed under "nonfinite".
+        Values that are no numbers at all (e.g. a nested dict of validation details) are not scalars: left out."""
+        clean = {k: f for k, v in scalars.items() if (f := _number(v)) is not None}
         for k, v in clean.items():
             self.tb.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        row: dict[str, Any] = {"step": step, "time": time.time()}
+        bad = []
+        for k, v in clean.items():
+            if math.isfinite(v):
+                row[k] = v
+            else:
+                row[k] = repr(v)  # 'nan', 'inf', '-inf'
+                bad.append(k)
+        if bad:
+            row["nonfinite"] = bad
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
 
     def flush(self) -> None:
         self.tb.flush()
@@ -56,8 +70,11 @@ class NullLogger:
         pass
 
 
-def _finite(v: Any) -> bool:
+
+def _number(v: Any) -> float | None:
+    if v is None or isinstance(v, (str, bytes)):
+        return None
     try:
-        return math.isfinite(float(v))
+        return float(v)
     except (TypeError, ValueError):
-        return False
+        return None
