@@ -7,6 +7,8 @@ Every rank runs `finetune` (the pipeline in ckf_dist/pipeline.py calls it betwee
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import sys
 import time
@@ -22,16 +24,24 @@ import torch.distributed as dist
 from ckf_dist.cf.export import CFEmbeddings
 from ckf_dist.config import RunConfig
 from ckf_dist.data.collate import Collator, chat_frame
+from ckf_dist.data.schema import manifest_sha256
 from ckf_dist.data.stream import TaskStream
 from ckf_dist.model.ckf import CKFModel
 from ckf_dist.tasks import TASK_ID, TASKS
 from ckf_dist.train.batches import StepBatches
 from ckf_dist.train.build import build_model, hidden_size_of
-from ckf_dist.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from ckf_dist.train.checkpoint import (
+    CheckpointError,
+    choose_checkpoint,
+    load_checkpoint,
+    read_run_info,
+    save_checkpoint,
+)
 from ckf_dist.train.curriculum import curriculum_weight, variants_for
 from ckf_dist.train.deepspeed_utils import make_ds_config
 from ckf_dist.train.health import Heartbeat, StopRequest, is_collective_failure
 from ckf_dist.train.logging import NullLogger, RunLogger
+from ckf_dist.train.resume import ResumeRefused, check_resume, file_fingerprint, tensor_fingerprint
 from ckf_dist.train.sampler import TaskMixture, task_gradient_stats
 from ckf_dist.train.task_grads import TaskGradTracker
 
@@ -85,13 +95,13 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
     tracker = TaskGradTracker(ckf)
     logger = RunLogger(run_dir, "ckf") if rank == 0 else NullLogger()
 
+    inputs = input_fingerprint(cfg, base_dir, cf)
+    run_info: dict[str, Any] = {"config": cfg.to_dict(), "inputs": inputs, "resumes": []}
     start = 0
-    if cfg.train.resume == "auto" and (found := complete_checkpoints(run_dir)):
-        state = load_checkpoint(engine, found[-1])
-        batches.load_state_dict(state["data"])
-        mixture.load_state_dict(state["mixture"])
-        start = state["steps_done"]
-        say(f"[ckf] resumed from {found[-1]} at step {start}")
+    if cfg.train.resume != "never" and (found := agree_on_checkpoint(run_dir, rank, world)) is not None:
+        start, run_info["resumes"] = resume_from(found, cfg, inputs, engine, scheduler, batches, mixture, ckf, rank)
+        say(f"[ckf] resumed from {found} at step {start}")
+    guard = NonfiniteGuard(cfg.train.max_nonfinite_steps)
 
     progress = make_progress(cfg, rank, start)
     tick, seen_samples, seen_tokens, waited = time.perf_counter(), 0, 0, batches.wait_s
@@ -109,24 +119,35 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
                 batch = batch.to(engine.device)
                 out = engine(batch, text_weight=text_weight, loss_norm=cfg.train.loss_norm)
                 engine.backward(out.loss)
-                engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+                # DeepSpeed only steps the optimizer at the accumulation boundary. There ZeRO-3 (0.19.8) computes
+                # the global gradient norm first and, when it is not finite, zeroes the gradients and skips the
+                # optimizer and LR-scheduler step (optimizer.overflow); the guard below counts and logs that.
+                engine.step()
                 sums.add(out, batch, cfg.train.grad_accum)
                 seen_samples += cfg.train.micro_batch_size
                 seen_tokens += int(batch.attention_mask.sum())
 
+            skipped = bool(getattr(engine.optimizer, "overflow", False))
+            sums.bad_params = 0.0 if skipped else float(not local_params_finite(ckf))
             stats = sums.all_reduce(tracker.get(), world)
-            mixture.update(stats.grad_norms[ids], stats.task_loss[ids], present=stats.task_tokens[ids] > 0)
-
             done = step + 1
+            grad_norm = engine.get_global_grad_norm()
+            guard.check(done, stats.loss, grad_norm, skipped, stats.bad_params, scheduler.get_last_lr())
+            if not skipped:
+                mixture.update(stats.grad_norms[ids], stats.task_loss[ids], present=stats.task_tokens[ids] > 0)
+
             progress.update(1)
             progress.set_postfix(loss=f"{stats.loss:.3f}", w_text=f"{text_weight:.2f}")
-            if done % cfg.log.every == 0 or done == cfg.train.max_steps:
+            if done % cfg.log.every == 0 or done == cfg.train.max_steps or skipped:
                 elapsed = time.perf_counter() - tick
                 logger.log_dict({
                     "train/loss": stats.loss,
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/text_weight": text_weight,
-                    "train/grad_norm": engine.get_global_grad_norm(),
+                    "train/grad_norm": grad_norm,
+                    # Steps whose loss or gradient norm was not finite: skipped (no update), counted, never hidden.
+                    "train/step_skipped": float(skipped),
+                    "train/nonfinite_steps": guard.total,
                     "train/samples_per_s": seen_samples * world / elapsed,
                     "train/tokens_per_s": seen_tokens * world / elapsed,
                     # Share of wall time this rank was blocked waiting for its next batch (goal < 5%).
@@ -140,7 +161,8 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
             stopping = stop.requested()
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps or stopping:
                 rank_state = {"data": batches.state_dict(), "mixture": mixture.state_dict(), "steps_done": done}
-                save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep)
+                # guard.check above stopped the run if this step left non-finite parameters: none is saved.
+                save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep, run_info=run_info)
             if stopping:
                 say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
                 logger.close()
@@ -185,6 +207,134 @@ def warmup_linear_decay(cfg: RunConfig) -> Callable[[int], float]:
     return factor
 
 
+def input_fingerprint(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings) -> dict[str, str]:
+    """What training reads besides the config: the prepared data (manifest sha256), the CF tables, the base model."""
+    return {"data_manifest_sha256": manifest_sha256(cfg.data.prepared_dir),
+            "cf_tables_sha256": tensor_fingerprint(cf.user, cf.item),
+            "base_model": file_fingerprint(base_dir)}
+
+
+def agree_on_checkpoint(run_dir: Path, rank: int, world: int) -> Path | None:
+    """Collective: rank 0 picks the newest intact checkpoint (verifying its manifest, falling back past damaged
+    ones with a warning); every rank gets the same answer, or the same error."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    box: list[Any] = [None, None]
+    if rank == 0:
+        try:
+            found = choose_checkpoint(run_dir, world, warn=lambda msg: print(msg, file=sys.stderr, flush=True))
+            box[0] = None if found is None else str(found)
+        except CheckpointError as err:
+            box[1] = str(err)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CheckpointError(box[1])
+    if box[0] is None:
+        say(f"[ckf] no checkpoint in {run_dir / 'checkpoints'}: starting at step 0")
+    return None if box[0] is None else Path(box[0])
+
+
+def resume_from(path: Path, cfg: RunConfig, inputs: dict[str, str], engine, scheduler, batches: StepBatches,
+                mixture: TaskMixture, ckf: CKFModel, rank: int) -> tuple[int, list[dict[str, Any]]]:
+    """Check the checkpoint's configuration against this run's (train/resume.py), then load it.
+
+    Returns:
+        (steps done, the resume history to record in the next checkpoints).
+    """
+    info = read_run_info(path)
+    steps_done = int(info.get("step", -1))
+    run_dir = Path(cfg.log.run_dir)
+    try:
+        safe, forced = check_resume(str(path), info.get("config"), cfg.to_dict(), info.get("inputs"), inputs,
+                                    steps_done, cfg.train.resume)
+    except ResumeRefused:
+        # config.yaml was rewritten with the refused configuration before this stage: put back the one that
+        # produced what is in the run directory, so it keeps telling the truth.
+        if rank == 0 and info.get("config") is not None:
+            import yaml
+
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(info["config"], sort_keys=False))
+        raise
+    new_base = list(scheduler.base_lrs)
+    state = load_checkpoint(engine, path)
+    if state["steps_done"] != steps_done:
+        raise CheckpointError(f"{path}: run.json says step {steps_done}, the rank state {state['steps_done']}")
+    batches.load_state_dict(state["data"])
+    mixture.load_state_dict(state["mixture"])
+    # The new configuration's learning rates and schedule (more max_steps stretch the decay; a forced lr change
+    # takes effect) from the current step on, instead of the rates saved in the optimizer / scheduler state.
+    factor = warmup_linear_decay(cfg)(scheduler.last_epoch)
+    scheduler.base_lrs = new_base
+    for group, base in zip(scheduler.optimizer.param_groups, new_base):
+        group["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    bad = torch.tensor([float(not local_params_finite(ckf))])
+    dist.all_reduce(bad)
+    if bad.item():
+        raise CheckpointError(f"{path}: the loaded parameters are not finite; start fresh (train.resume=never)")
+    record = {"time": time.time(), "checkpoint": str(path), "step": steps_done,
+              "applied": {k: list(v) for k, v in safe.items()}, "forced": {k: list(v) for k, v in forced.items()}}
+    if rank == 0:
+        for k, (old, new) in safe.items():
+            print(f"[ckf] resume: applying {k}: {old!r} -> {new!r}")
+        if forced:
+            print(f"[ckf] WARNING: train.resume=force: resuming from {path} despite changes (the new values apply "
+                  f"from step {steps_done} on):\n" + "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in
+                                                            forced.items()), file=sys.stderr, flush=True)
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+    return steps_done, [*info.get("resumes", []), record]
+
+
+class NonfiniteError(FloatingPointError):
+    """Training produced non-finite values it cannot skip (or too many skipped steps in a row)."""
+
+
+class NonfiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss or gradient norm and stops the run when
+    `limit` come in a row, or at once when a step cannot be undone (its update made the parameters non-finite, or
+    the loss was non-finite while DeepSpeed applied the step)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.total, self.first_in_row = limit, 0, 0, None
+
+    def check(self, step: int, loss: float, grad_norm: float | None, skipped: bool, bad_params: float,
+              lrs: list[float]) -> None:
+        loss_ok = math.isfinite(loss)
+        if not skipped and bad_params:
+            raise NonfiniteError(
+                f"step {step}: the optimizer update made trainable parameters non-finite (loss {loss}, gradient "
+                f"norm {grad_norm}, learning rates {lrs}); the run has diverged and stops here: no checkpoint or "
+                f"adapter is written from this state. Lower train.lr (or train.fusion_lr_scale), or check the data")
+        if not skipped and not loss_ok:
+            raise NonfiniteError(f"step {step}: non-finite loss {loss} but a finite gradient norm ({grad_norm}), so "
+                                 f"DeepSpeed applied the update; stopping before it reaches a checkpoint")
+        if not skipped:
+            self.in_a_row, self.first_in_row = 0, None
+            return
+        self.total += 1
+        self.in_a_row += 1
+        self.first_in_row = self.first_in_row or step
+        print(f"[ckf] WARNING: step {step} skipped (no parameter update): loss {loss}, gradient norm {grad_norm} "
+              f"({self.in_a_row} in a row, {self.total} in total, limit train.max_nonfinite_steps={self.limit})",
+              file=sys.stderr, flush=True)
+        if self.in_a_row >= self.limit:
+            raise NonfiniteError(
+                f"step {step}: {self.in_a_row} steps in a row (from step {self.first_in_row}) had a non-finite loss "
+                f"or gradient norm (last: loss {loss}, gradient norm {grad_norm}; train.max_nonfinite_steps="
+                f"{self.limit}); the run stops. Lower train.lr, check the data, or resume from the last checkpoint")
+
+
+@torch.no_grad()
+def local_params_finite(model: CKFModel) -> bool:
+    """This rank's part of the trainable parameters is finite (ZeRO-3: the local partitions, ds_tensor)."""
+    for p in model.trainable_parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
 def make_progress(cfg: RunConfig, rank: int, start: int):
     from tqdm import tqdm
 
@@ -206,6 +356,8 @@ class StepStats:
     """(T,) per-sample shared-LoRA gradient norm per task (NaN for absent tasks)."""
     cos: torch.Tensor
     """(T, T) cosines between the task gradients."""
+    bad_params: float = 0.0
+    """Ranks whose trainable parameters were not finite after the step."""
 
     def task_scalars(self, tasks: list[str], weights: torch.Tensor) -> dict[str, float | None]:
         """train/loss_<t>, train/grad_norm_<t>, train/mixture_<t>, train/grad_cos_<t>_<u> for the configured tasks."""
@@ -229,6 +381,8 @@ class StepSums:
     tok_sum: torch.Tensor
     row_sum: torch.Tensor
     total_loss: float
+    bad_params: float = 0.0
+    """1.0 when this rank's trainable parameters were not finite after the step (summed over ranks)."""
 
     @classmethod
     def zeros(cls) -> StepSums:
@@ -245,11 +399,11 @@ class StepSums:
         """Sum losses, answer tokens, rows and the per-task shared-LoRA gradients over all ranks."""
         n = len(TASKS)
         stats = torch.cat([self.loss_sum, self.tok_sum, self.row_sum,
-                           torch.tensor([self.total_loss], dtype=torch.float64)])
+                           torch.tensor([self.total_loss, self.bad_params], dtype=torch.float64)])
         dist.all_reduce(stats)
         task_grads = task_grads.double().cpu()
         dist.all_reduce(task_grads)
         task_tokens = stats[n:2 * n]
         grad_norms, cos = task_gradient_stats(task_grads, task_samples=stats[2 * n:3 * n])
-        return StepStats(loss=float(stats[-1]) / world, task_loss=stats[:n] / task_tokens.clamp_min(1),
-                         task_tokens=task_tokens, grad_norms=grad_norms, cos=cos)
+        return StepStats(loss=float(stats[3 * n]) / world, task_loss=stats[:n] / task_tokens.clamp_min(1),
+                         task_tokens=task_tokens, grad_norms=grad_norms, cos=cos, bad_params=float(stats[3 * n + 1]))
