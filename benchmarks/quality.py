@@ -324,6 +324,9 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (deepspeed --num_gpus)")
     p.add_argument("--goals", choices=("paper", "demo"), default="paper")
     p.add_argument("--out", default=None, help="output folder (default: log.run_dir); runs go to <out>/quality/")
+    p.add_argument("--skip-single", action="store_true",
+                   help="leave out the single-task runs (one per task: on a CPU they cost as much as the rest); "
+                        "their row is then n/a")
     p.add_argument("overrides", nargs="*", help="section.key=value, passed to every run")
     args = p.parse_args()
     # nargs='+' also swallows overrides written right after the seeds (--seeds 0 1 train.max_steps=20): hand them back.
@@ -371,7 +374,7 @@ def main_checked(args: argparse.Namespace) -> None:
         text = run_variant("text-only LLM", args.config, sdir / "text", args.nproc,
                            [*seeded, f"cf.embeddings_path={cf_tables}", *reuse, "train.prompts=text"])
         singles: dict[str, RunRecord] = {}
-        for task in tasks:
+        for task in [] if args.skip_single else tasks:
             prepared = qdir / f"data-{task}"
             run_dir = sdir / f"single-{task}"
             single_ov = [*seeded, f"data.prepared_dir={prepared}", f"data.tasks=[{task}]"]
