@@ -10,6 +10,9 @@ Each stage takes and returns explicit artifacts and is skipped when its output i
   export     adapters/<task>/ (peft LoRA), fusion        train/export.py                        (always; seconds)
   evaluate   metrics.json, report.md, plots/*.png        eval/run.py                            (always)
 
+Before any stage, rank 0 locks the run dir (train/runlock.py, <log.run_dir>/.run.lock, held until the job ends):
+a second job on the same log.run_dir is refused on every rank, with the holder's pid, host and start time.
+
 data.source='alpaca' (finished instruction prompts: no users, items or interactions) has no CF stage: the model is
 fine-tuned on the text prompts only (train.prompts='text', required by the config) around a placeholder CF table
 that no prompt reads (eval/run.py::placeholder_cf), and the report has one row, "LLM (text-only)".
@@ -35,6 +38,7 @@ from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
 from ckf_dist.train.loop import finetune, seed_everything
+from ckf_dist.train.runlock import RunDirLock
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,16 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Run every stage; returns the final metrics (identical on every rank; {} when a stop was requested)."""
     rank, world = init_distributed(cfg)
     run_dir = Path(cfg.log.run_dir)
+    # One job per run dir: rank 0 locks it before anything is written there; a refusal reaches every rank.
+    lock = RunDirLock(run_dir)
+    on_rank0_then_all(rank, lock.acquire)
+    try:
+        return _run_stages(cfg, rank, world, run_dir)
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path) -> dict[str, dict[str, Any]]:
     seed_everything(cfg.train.seed)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")

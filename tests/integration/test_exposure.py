@@ -183,3 +183,34 @@ def test_a_routable_master_addr_is_left_as_the_launcher_set_it():
     assert ifname == os.environ.get("GLOO_SOCKET_IFNAME")
     store = [s for s in socks if s[3] == port]
     assert store and not is_loopback(store[0][2]), socks
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_locked_run_dir_is_refused_and_a_killed_holder_does_not_block(tmp_path):
+    from ckf_dist.testing.jobs import TINY, kill_group, run_job, start_job, wait_for
+
+    run, pid_file = tmp_path / "run", tmp_path / "run" / "pids" / "rank-0.pid"
+    common = [f"log.run_dir={run}", f"data.prepared_dir={tmp_path / 'data'}", "train.ckpt_every=1000", *TINY]
+    holder = start_job(["train.max_steps=200", *common], nproc=1, log=tmp_path / "holder.log")
+    try:
+        wait_for(pid_file.is_file, 120, "the holder's rank 0 to start", holder)
+        holder_pid = int(pid_file.read_text())
+        config = (run / "config.yaml").read_text()
+        # Two ranks: rank 1 learns of rank 0's refusal (broadcast) instead of waiting on it.
+        second = run_job(["train.max_steps=3", *common], nproc=2, timeout=180)
+        out = second.stdout + second.stderr
+        assert second.returncode != 0, out[-3000:]
+        assert f"log.run_dir={run} is in use by another job (pid {holder_pid} on host {socket.gethostname()}, " \
+               f"started 20" in out, out[-3000:]
+        assert "rank 0 failed: RunDirLocked" in out, out[-3000:]  # rank 1's error
+        assert (run / "config.yaml").read_text() == config  # the refused job wrote nothing
+        assert holder.poll() is None
+    finally:
+        kill_group(holder)  # SIGKILL: no clean-up ran; the kernel dropped the flock
+    third = start_job(["train.max_steps=3", *common], nproc=1, log=tmp_path / "third.log")
+    try:
+        wait_for(lambda: pid_file.is_file() and int(pid_file.read_text()) != holder_pid, 120,
+                 "the next job to take the run dir", third)
+        assert f'"pid": {int(pid_file.read_text())}' in (run / ".run.lock").read_text()
+    finally:
+        kill_group(third)
