@@ -21,8 +21,11 @@ def parse_run_args(argv: Sequence[str] | None = None, prog: str | None = None,
                    description: str = "") -> RunConfig:
     """--config FILE plus dotted overrides; tolerates the --local_rank that the deepspeed launcher injects.
 
-    Exits with status 2 and every config problem listed when the config is invalid.
+    Exits with status 2 and every config problem listed when the config is invalid, a path it names
+    (model.base_model unless a packaged name, train.ds_config) included.
     """
+    from ckf_dist.model.hub import PACKAGED
+
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml); defaults apply when omitted")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -31,7 +34,7 @@ def parse_run_args(argv: Sequence[str] | None = None, prog: str | None = None,
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides, known_models=PACKAGED)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

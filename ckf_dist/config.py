@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
@@ -32,11 +33,11 @@ class ConfigError(ValueError):
         super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-# rule -> "the value breaks it". Written as tests for the bad side, like the checks they replaced: NaN breaks only
-# the "within" rule.
+# rule -> "the value breaks it". Written as the negation of the rule, so that NaN (which compares False both ways)
+# breaks every rule; non-finite floats are also reported on their own by _nonfinite_problems.
 _BREAKS: dict[str, Callable[[Any], bool]] = {
-    "> 0": lambda v: v <= 0,
-    ">= 0": lambda v: v < 0,
+    "> 0": lambda v: not v > 0,
+    ">= 0": lambda v: not v >= 0,
     "within [0, 1)": lambda v: not 0 <= v < 1,
 }
 
@@ -145,6 +146,17 @@ class DataConfig:
     """Logical CPUs given to a local Ray (more than physical, or data tasks starve on small machines)."""
     ray_object_store_mb: int = 512
     """Object store cap in MiB (small /dev/shm)."""
+    max_skip_frac: float = 0.001
+    """Input-loss budget: preparation stops, with the skip summary as the error, when more than this fraction of the
+    records of any one input file (ratings, items, metadata, each split file) could not be read (malformed lines,
+    out-of-range ratings, bad encodings, ...). Checked per file, so a small damaged file is not hidden by a large
+    clean one. Protocol drops (duplicates, k-core, users with < 3 interactions, cold items) do not count. 1 = off."""
+    allow_truncated: bool = False
+    """A truncated or corrupt input file (a .gz cut short or damaged, a CSV the parser cannot continue) is an error
+    naming the file; true keeps its readable prefix and reports the lost rest in the skip summary: as
+    'corrupt_file_rows_lost' with the rows estimated from the gzip size field when the file is complete but corrupt,
+    else as one 'truncated_or_corrupt_file' (a truncated gzip records nowhere how much is missing). The lost rest is
+    not charged to max_skip_frac (this opt-in accepts it)."""
 
     def problems(self, p: str) -> list[str]:
         out = self.synthetic.problems(f"{p}.synthetic") if self.source == "synthetic" else []
@@ -154,6 +166,11 @@ class DataConfig:
             out.append(f"{p}.tasks has unknown task(s) {bad}; allowed: {list(TASKS)}")
         if not self.tasks:
             out.append(f"{p}.tasks must name at least one task")
+        if dup := sorted({t for t in self.tasks if self.tasks.count(t) > 1}):
+            out.append(f"{p}.tasks lists {dup} more than once (each task's samples would be built and trained twice); "
+                       f"name each task once")
+        if not 0 <= self.max_skip_frac <= 1:
+            out.append(f"{p}.max_skip_frac must be within [0, 1] (1 = no input-loss budget), got {self.max_skip_frac}")
         if self.source in ("ml-100k", "ml-1m") and "exp" in self.tasks:
             out.append(f"{p}.tasks contains 'exp' but {p}.source={self.source!r} has no review text; "
                        f"drop 'exp' or use source 'amazon'/'synthetic'")
@@ -217,7 +234,7 @@ class CFConfig:
         if not 8 <= self.dim <= 256:
             out.append(f"{p}.dim must be within [8, 256], got {self.dim}")
         out += _out_of_range(p, self, "> 0", "epochs", "batch_size", "lr")
-        if self.bias_weight_decay is not None and self.bias_weight_decay < 0:
+        if self.bias_weight_decay is not None and not self.bias_weight_decay >= 0:
             out.append(f"{p}.bias_weight_decay must be >= 0 or null, got {self.bias_weight_decay}")
         out += _out_of_range(p, self, ">= 0", "weight_decay")
         if self.model == "lightgcn" and self.num_layers <= 0:
@@ -402,7 +419,7 @@ class TrainConfig:
         out += _out_of_range(p, self, "> 0", "max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "ckpt_keep",
                              "max_nonfinite_steps",
                              "collective_timeout_s")
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:
             out.append(f"{p}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.curriculum_steps is not None and self.curriculum_steps <= 0:
             out.append(f"{p}.curriculum_steps must be > 0 or null, got {self.curriculum_steps}")
@@ -459,7 +476,26 @@ class LogConfig:
     """Progress bar with ETA on rank 0."""
 
     def problems(self, p: str) -> list[str]:
-        return _out_of_range(p, self, "> 0", "every")
+        return _out_of_range(p, self, "> 0", "every") + _run_dir_problems(f"{p}.run_dir", self.run_dir)
+
+
+def _run_dir_problems(key: str, run_dir: str) -> list[str]:
+    """A run directory that cannot be meant: empty, the filesystem root, the home folder or a parent of the working
+    directory (a run writes checkpoints, logs and reports there, and prunes old checkpoints)."""
+    if not run_dir.strip():
+        return [f"{key} must name a folder for the run's outputs, got {run_dir!r}"]
+    where = Path(run_dir).resolve()  # as the stages use it: relative to the working directory, no ~ expansion
+    if where == Path(where.anchor):
+        return [f"{key}={run_dir!r} is the filesystem root; use a folder of its own, e.g. runs/<name>"]
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    if where == home:
+        return [f"{key}={run_dir!r} is the home folder; use a folder of its own, e.g. ~/runs/<name>"]
+    if where in Path.cwd().resolve().parents:
+        return [f"{key}={run_dir!r} is a parent of the working directory; use a folder of its own, e.g. runs/<name>"]
+    return []
 
 
 @dataclass
@@ -584,38 +620,103 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split 'train.lr=2e-4' into ('train.lr', 2e-4); values are Python/YAML literals, else strings."""
+    """Split 'train.lr=2e-4' into ('train.lr', 2e-4); values are Python/YAML literals, else strings.
+
+    Raises:
+        ConfigError: no '=', no key, or a value that is neither a Python literal nor valid YAML (e.g. an unclosed
+            list `data.tasks=[ctr,`), naming the override.
+    """
     if "=" not in text:
         raise ConfigError([f"override {text!r} must look like section.key=value"])
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError([f"override {text!r} has no key; it must look like section.key=value"])
     try:
         value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = yaml.safe_load(raw) if raw.strip() else ""
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            detail = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError([(f"override {text!r}: the value {raw!r} is neither a Python literal nor valid YAML "
+                                f"({detail}); quote it, or close its brackets, e.g. data.tasks=[ctr,rating]")]) from None
     return key.strip(), value
 
 
-def config_from_dict(data: dict[str, Any], source: str | None = None) -> RunConfig:
-    """Build and validate a RunConfig; raise ConfigError listing every problem at once."""
+def _nonfinite_problems(node: Any, key: str = "") -> list[str]:
+    """`{key} must be a finite number, got nan` for every NaN / inf float anywhere in the configuration (fields,
+    list items, mapping values): NaN passes every comparison-based range check written as `v < 0`."""
+    if dataclasses.is_dataclass(node):
+        return [q for f in dataclasses.fields(node)
+                for q in _nonfinite_problems(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)]
+    if isinstance(node, (list, tuple)):
+        return [q for i, v in enumerate(node) for q in _nonfinite_problems(v, f"{key}[{i}]")]
+    if isinstance(node, dict):
+        return [q for k, v in node.items() for q in _nonfinite_problems(v, f"{key}.{k}")]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [f"{key} must be a finite number, got {node}"]
+    return []
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""A relative train.ds_config is looked up in the working directory, then here (as train/deepspeed_utils.py does)."""
+
+
+def path_problems(cfg: RunConfig, known_models: Collection[str]) -> list[str]:
+    """Paths a run needs that do not exist: model.base_model (unless one of `known_models`, the packaged names of
+    ckf_dist/model/hub.py) must be a folder with a config.json, train.ds_config a file. Relative paths resolve
+    against the working directory (train.ds_config also against the repository root)."""
+    out = []
+    bm = cfg.model.base_model
+    if bm is not None and bm not in known_models:
+        where = Path(bm) if Path(bm).is_absolute() else Path.cwd() / bm
+        if not where.is_dir():
+            out.append(f"model.base_model={bm!r} is neither a packaged model {sorted(known_models)} nor an existing "
+                       f"folder (looked for {where})")
+        elif not (where / "config.json").is_file():
+            out.append(f"model.base_model={bm!r}: {where} has no config.json (not a Hugging Face checkpoint folder)")
+    ds = Path(cfg.train.ds_config)
+    if not ds.is_file() and not (not ds.is_absolute() and (REPO_ROOT / ds).is_file()):
+        out.append(f"train.ds_config={cfg.train.ds_config!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); "
+                   f"ds_configs/ has {sorted(p.name for p in (REPO_ROOT / 'ds_configs').glob('*.json'))}")
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str | None = None,
+                     known_models: Collection[str] | None = None) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem at once.
+
+    With `known_models` (the packaged model names) the paths are checked too (`path_problems`).
+    """
     try:
         cfg = _VALIDATOR.validate_python(data)
     except ValidationError as e:  # range checks need well-typed values, so they wait until these are fixed
         raise ConfigError([_problem(err) for err in e.errors()], source) from None
-    if problems := cfg.problems():
+    problems = _nonfinite_problems(cfg)
+    nonfinite = {q.split(" ", 1)[0] for q in problems}  # one line per key: its range checks would repeat it
+    problems += [q for q in cfg.problems() if q.split(" ", 1)[0] not in nonfinite]
+    if known_models is not None:
+        problems += path_problems(cfg, known_models)
+    if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                known_models: Collection[str] | None = None) -> RunConfig:
     """Load a YAML experiment file, apply dotted overrides, validate everything at once.
 
     Args:
         path: YAML file; None starts from the defaults.
         overrides: strings like 'train.lr=2e-4' or 'data.tasks=[ctr,rating]'.
+        known_models: the packaged model names; given (as the launchers do, through cli.parse_run_args), the paths
+            model.base_model and train.ds_config must exist too (`path_problems`), so a typo fails before data
+            preparation. None (tests, tools that read a config written for another machine): not checked.
 
     Raises:
         FileNotFoundError: the YAML file does not exist.
-        ConfigError: every unknown key, wrong type and bad or contradictory value, one per line.
+        ConfigError: every malformed override, unknown key, wrong type, non-finite number, bad or contradictory
+            value (and with known_models every missing path), one per line.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -628,10 +729,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    bad: list[str] = []
     for ov in overrides:
-        key, value = parse_override(ov)
-        _set_dotted(data, key, value)
-    return config_from_dict(data, str(path) if path else None)
+        try:
+            key, value = parse_override(ov)
+            _set_dotted(data, key, value)
+        except ConfigError as e:
+            bad += e.problems
+    if bad:
+        raise ConfigError(bad, str(path) if path else None)
+    return config_from_dict(data, str(path) if path else None, known_models)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -18,7 +18,8 @@ from ckf_dist.config import CFConfig
 
 def _als_half(sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, resid: torch.Tensor,
               other: torch.Tensor, lam: float, world: int) -> torch.Tensor:
-    """Ridge solution x_r = (sum_c o_c o_c^T + lam n_r I)^-1 sum_c resid o_c for every row r (batched).
+    """Ridge solution x_r = (sum_c o_c o_c^T + lam n_r I)^-1 sum_c resid o_c for every row r (batched); with lam = 0
+    the minimum-norm least-squares solution (pseudo-inverse), so that rows with few or no ratings do not fail.
 
     `sel` is the sparse (R, C) rating pattern of this rank's rows, `other` the (C, k) fixed side. The normal
     equations are all-reduced over ranks before solving, so the result does not depend on the world size.
@@ -33,7 +34,11 @@ def _als_half(sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, resid: 
         dist.all_reduce(flat)
         A, b, n = flat[:A.numel()].view_as(A), flat[A.numel():A.numel() + b.numel()].view_as(b), flat[-len(n):]
     A = A.view(-1, k, k) + (lam * n.clamp(min=1))[:, None, None] * torch.eye(k, dtype=other.dtype, device=other.device)
-    return torch.linalg.solve(A, b)  # rows without ratings: A = lam I, b = 0 -> x = 0
+    if lam > 0:
+        return torch.linalg.solve(A, b)  # rows without ratings: A = lam I, b = 0 -> x = 0
+    # lam = 0 (cf.weight_decay=0): plain least squares. A row with fewer ratings than k (or none) has a singular A,
+    # where solve fails; the pseudo-inverse gives the minimum-norm solution (x = 0 for a row without ratings).
+    return (torch.linalg.pinv(A, hermitian=True) @ b[:, :, None])[:, :, 0]
 
 
 class ALSSolver:

@@ -114,3 +114,115 @@ def test_ds_json_may_not_set_what_train_owns(tmp_path):
     p.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 5.0}')
     with pytest.raises(ValueError, match=r"\['gradient_clipping'\] are set from the train section"):
         load_zero_json(p)
+
+
+def _float_fields(tp: type = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted names of every float (or float | None) field of the configuration."""
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(tp):
+        ann = typing.get_type_hints(tp)[f.name]
+        args = typing.get_args(ann)
+        if dataclasses.is_dataclass(ann):
+            out += _float_fields(ann, f"{prefix}{f.name}.")
+        elif ann is float or (float in args and type(None) in args):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+@pytest.mark.parametrize("key", _float_fields())
+def test_nan_and_inf_are_rejected_for_every_float_field(key):
+    assert len(_float_fields()) >= 20  # the walk found the fields (train.lr, train.grad_clip, cf.lr, ...)
+    for raw, shown in ((".nan", "nan"), ("1e309", "inf"), ("-.inf", "-inf")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}={raw}"])
+        assert e.value.problems == [f"{key} must be a finite number, got {shown}"]
+
+
+def test_nan_from_yaml_is_rejected_and_breaks_every_range_rule(tmp_path):
+    from ckf_dist.config import _BREAKS
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: .nan\n  grad_clip: .inf\ncf:\n  lr: .nan\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert sorted(e.value.problems) == ["cf.lr must be a finite number, got nan",
+                                        "train.grad_clip must be a finite number, got inf",
+                                        "train.lr must be a finite number, got nan"]
+    assert all(breaks(float("nan")) for breaks in _BREAKS.values())  # NaN compares False both ways
+
+
+def test_duplicate_tasks_are_rejected():
+    with pytest.raises(ConfigError, match=r"data.tasks lists \['ctr'\] more than once"):
+        load_config(None, ["data.tasks=[ctr,topk,ctr]"])
+
+
+@pytest.mark.parametrize("run_dir, why", [("/", "is the filesystem root"), ("''", "must name a folder"),
+                                          ("'  '", "must name a folder"), (str(Path.home()), "is the home folder"),
+                                          ("..", "is a parent of the working directory")])
+def test_run_dirs_that_cannot_be_meant_are_rejected(run_dir, why):
+    with pytest.raises(ConfigError, match=f"log.run_dir.* {why}"):
+        load_config(None, [f"log.run_dir={run_dir}"])
+
+
+def test_ordinary_run_dirs_are_accepted(tmp_path):
+    for run_dir in ("runs/x", str(tmp_path), str(tmp_path / "new" / "run")):
+        assert load_config(None, [f"log.run_dir={run_dir}"]).log.run_dir == run_dir
+
+
+def test_a_malformed_override_is_a_config_error_naming_it(capsys):
+    from ckf_dist.cli import parse_run_args
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.tasks=[ctr,", "train.lr=1", "eval.ks={1: [2"])
+    assert len(e.value.problems) == 2
+    assert e.value.problems[0].startswith("override 'data.tasks=[ctr,': the value '[ctr,' is neither a Python "
+                                          "literal nor valid YAML")
+    assert "override 'eval.ks={1: [2'" in e.value.problems[1]
+    with pytest.raises(SystemExit) as ex:
+        parse_run_args(["data.tasks=[ctr,"])
+    assert ex.value.code == 2
+    assert "override 'data.tasks=[ctr,'" in capsys.readouterr().err
+
+
+def test_prepare_launcher_exits_2_on_a_config_error():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "launchers" / "prepare_data.py"), "data.tasks=[ctr,"],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "override 'data.tasks=[ctr,'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_base_model_and_ds_config_are_rejected_up_front(tmp_path, monkeypatch):
+    from ckf_dist.cli import parse_run_args
+
+    known = ["smollm2-135m"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"model.base_model={tmp_path / 'nope'}", "train.ds_config=ds_configs/nope.json"],
+                    known_models=known)
+    assert len(e.value.problems) == 2
+    assert "model.base_model=" in e.value.problems[0] and "is neither a packaged model ['smollm2-135m'] nor an " \
+                                                          "existing folder" in e.value.problems[0]
+    assert "train.ds_config='ds_configs/nope.json' not found" in e.value.problems[1]
+    assert "zero3_cpu.json" in e.value.problems[1]  # what exists
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_config(None, [f"model.base_model={tmp_path / 'empty'}"], known_models=known)
+    # Accepted: a packaged name, a Hugging Face folder relative to the working directory, the shipped ds_config from
+    # another working directory (it resolves against the repository root as train/deepspeed_utils.py does).
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["model.base_model=smollm2-135m"], known_models=known).model.base_model == "smollm2-135m"
+    assert load_config(None, ["model.base_model=m"], known_models=known).model.base_model == "m"
+    # Without known_models (tests, a config written for another machine) paths are not checked.
+    assert load_config(ROOT / "configs" / "llama7b_ml1m.yaml").model.base_model == "/models/Llama-2-7b-hf"
+    # The launchers check them (exit 2 before any data preparation).
+    with pytest.raises(SystemExit) as ex:
+        parse_run_args(["model.base_model=/nonexistent/llama"])
+    assert ex.value.code == 2
+
