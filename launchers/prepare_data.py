@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckf_dist.config import load_config
+from ckf_dist.config import ConfigError, load_config
 
 
 def main() -> None:
@@ -25,20 +25,27 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="verify leakage / format invariants afterwards")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=/data/ml-100k data.seed=1")
     args = p.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     from ckf_dist.data.preprocess import prepare_data
+    from ckf_dist.data.skips import InputLossError
 
     t0 = time.perf_counter()
-    m = prepare_data(cfg.data, force=args.force, engine="local" if args.local else None)
+    try:
+        # prepare_data prints the skip summary (counts per input file and reason, file:line examples) itself.
+        m = prepare_data(cfg.data, force=args.force, engine="local" if args.local else None)
+    except InputLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     took = time.perf_counter() - t0
     summary = {k: m[k] for k in ("source", "num_users", "num_items", "warm_users", "cold_users", "interactions",
                                  "counts")}
     summary["skips"] = m["skips"]["counts"]
     print(json.dumps(summary, indent=1))
-    for reason, exs in m["skips"]["examples"].items():
-        for e in exs:
-            print(f"  skipped [{reason}] {e['file']}:{e['line']} {e['detail']} {e['text']!r}")
     print(f"prepared {cfg.data.prepared_dir} in {took:.1f}s")
     if args.check:
         from ckf_dist.data.checks import leakage_problems

@@ -52,11 +52,13 @@ def read_instruction_records(path: Path, skips: SkipReport) -> list[tuple[int, d
             records = list(enumerate(json.loads(text), start=1))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a JSON list of records ({e}); use a JSON list or JSON lines") from None
+        skips.seen(path.name, len(records))
     else:
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            skips.seen(path.name)
             try:
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:

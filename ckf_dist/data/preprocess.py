@@ -30,7 +30,7 @@ from ckf_dist.data.readers import RawData, read_raw
 from ckf_dist.data.samples import BUILDERS, BuildContext, negative_targets, task_rng, user_targets
 from ckf_dist.data.schema import ITEMS, MANIFEST, NEGATIVES, SCHEMA_VERSION, SPLITS, USERS, interactions_path
 from ckf_dist.data.shards import dumps_sample, write_task_shards
-from ckf_dist.data.skips import SkipReport
+from ckf_dist.data.skips import SkipReport, budget_error, summary_lines
 
 SAMPLE_SCHEMA = pa.schema([("split", pa.string()), ("task", pa.string()), ("uid", pa.int32()), ("n", pa.int32()),
                            ("key", pa.string()), ("json", pa.binary())])
@@ -371,7 +371,9 @@ def _sha256(path: Path) -> str:
 def config_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     """The config fields that change the prepared bytes (Ray sizing and the output folder do not)."""
     d = dataclasses.asdict(cfg)
-    for k in ("prepared_dir", "ray_num_cpus", "ray_object_store_mb"):
+    # max_skip_frac only decides whether a preparation may finish (a reused one is checked again, prepare_data);
+    # allow_truncated changes bytes only when a file is damaged, and is then recorded in the manifest's skips.
+    for k in ("prepared_dir", "ray_num_cpus", "ray_object_store_mb", "max_skip_frac", "allow_truncated"):
         d.pop(k)
     for k in ("valid_path", "test_path"):  # newer fields: left out while unset, so older manifests stay current
         if d[k] is None:
@@ -396,6 +398,39 @@ def _input_fingerprint(cfg: DataConfig) -> dict[str, str]:
                 continue
             out[f.name] = _sha256(f)
     return out
+
+
+DAMAGED_FILE_REASONS = ("truncated_or_corrupt_file", "corrupt_file_rows_lost")
+"""Skip reasons of a damaged file kept under data.allow_truncated (readers._damaged)."""
+
+
+PROTOCOL_REASONS = ("duplicate_interaction", "k_core_filtered", "user_fewer_than_3_interactions",
+                    "cold_item_not_in_train", "negative_user_without_positive", "negative_item_without_positive",
+                    "negative_item_not_in_train")
+"""Drops by the data protocol (after reading), reported but never charged to the input-loss budget."""
+
+
+def _still_acceptable(cfg: DataConfig, manifest: dict[str, Any]) -> bool:
+    """Whether a reused manifest also passes this config's input checks: the input-loss budget on its per-file
+    counts and, without data.allow_truncated, no damaged file. A manifest from before per-file counts is judged on
+    its reader skips over all files (protocol drops and prompt notes left out); failing, it is rebuilt, and the
+    rebuild checks per file."""
+    skips = manifest.get("skips", {})
+    if not cfg.allow_truncated and any(r in skips.get("counts", {}) for r in DAMAGED_FILE_REASONS):
+        return False
+    if "files" not in skips:
+        lost = sum(n for r, n in skips.get("counts", {}).items() if r not in PROTOCOL_REASONS
+                   and any(e.get("file") not in ("interactions", "prompts") for e in skips["examples"].get(r, [])))
+        return lost <= cfg.max_skip_frac * (manifest.get("raw_rows_read", 0) + lost)
+    return budget_error(skips, skips["files"], cfg.max_skip_frac, "") is None
+
+
+def print_skip_summary(manifest: dict[str, Any], where: str, reused: bool = False) -> None:
+    """The skip summary of a preparation on the console (prepare_data runs on rank 0 only)."""
+    skips = manifest.get("skips", {})
+    head = (f"[ckf] prepare {where}{' (up to date, reused)' if reused else ''}: {manifest.get('raw_rows_read', 0)} "
+            f"rows read, {skips.get('total', 0)} lines / interactions skipped")
+    print("\n    ".join([head, *summary_lines(skips, skips.get("files"))]), flush=True)
 
 
 def _complete(prepared_dir: Path, manifest: dict[str, Any]) -> bool:
@@ -435,7 +470,8 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None
         except json.JSONDecodeError:
             old = {}
         if (old.get("schema_version") == SCHEMA_VERSION and old.get("config") == fingerprint
-                and old.get("inputs") == inputs and _complete(out_dir, old)):
+                and old.get("inputs") == inputs and _complete(out_dir, old) and _still_acceptable(cfg, old)):
+            print_skip_summary(old, str(out_dir), reused=True)
             return old
 
     t0 = time.perf_counter()
@@ -455,6 +491,7 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest["build_seconds"] = round(time.perf_counter() - t0, 2)  # returned, not stored
+    print_skip_summary(manifest, str(out_dir))
     return manifest
 
 
@@ -470,11 +507,15 @@ def _prepare_instructions(cfg: DataConfig, root: Path, fingerprint: dict[str, An
 
     skips = SkipReport()
     got = prepare_instructions_into(cfg, root, skips)
+    files_read = skips.file_stats()
+    if err := budget_error(skips.to_dict(), files_read, cfg.max_skip_frac, str(cfg.path)):
+        raise err
     manifest = {"schema_version": SCHEMA_VERSION, "source": cfg.source, "seed": cfg.seed, "tasks": list(cfg.tasks),
                 **{k: got[k] for k in ("num_users", "num_items", "warm_users", "cold_users")},
                 "cold_threshold": cfg.cold_threshold,
                 **{k: got[k] for k in ("interactions", "raw_rows_read", "counts", "shards")},
-                "skips": skips.to_dict(), "config": fingerprint, "inputs": inputs, "files": _file_list(root),
+                "skips": {**skips.to_dict(), "files": files_read}, "config": fingerprint, "inputs": inputs,
+                "files": _file_list(root),
                 "split": got["split"]}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
@@ -492,6 +533,11 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
     raw: RawData = read_raw(cfg, raw_dir)
     skips = raw.skips
     where = cfg.path or str(raw_dir)
+    # The input-loss budget, on what the readers lost (protocol drops below -- duplicates, k-core, short users, cold
+    # items -- are by design and only reported).
+    files_read = skips.file_stats()
+    if err := budget_error(skips.to_dict(), files_read, cfg.max_skip_frac, where):
+        raise err
     if raw.interactions.num_rows == 0:
         raise ValueError(f"{where}: no valid interaction was read ({skips.summary()})")
     if "exp" in cfg.tasks and not raw.has_reviews:
@@ -600,7 +646,7 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
         "raw_rows_read": raw.interactions.num_rows,
         "counts": counts,
         "shards": shards,
-        "skips": skips.to_dict(),
+        "skips": {**skips.to_dict(), "files": files_read},
         "config": fingerprint,
         "inputs": inputs,
         "files": files,

@@ -2,8 +2,10 @@
 
 Each reader returns a `RawData` (one interactions table with raw string ids + item titles + a skip report);
 everything after that (k-core, ids, splits, prompts) is format-independent (data protocol of CKF_METHOD.md).
-Malformed lines are skipped and counted per reason with file:line examples; a missing file or a wrong column
-mapping raises a ValueError/FileNotFoundError that names it.
+Malformed lines are skipped and counted per reason with file:line examples, and the records read are counted per
+file (the input-loss budget, data.max_skip_frac, is checked against them in preprocess.py); a missing file, a wrong
+column mapping, a rating column on another scale than 1-5 or (unless data.allow_truncated) a truncated or corrupt
+compressed file raises a ValueError/FileNotFoundError that names it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ckf_dist.config import ColumnMap, DataConfig
-from ckf_dist.data.skips import SkipReport
+from ckf_dist.data.skips import InputLossError, SkipReport
 
 RAW_SCHEMA = pa.schema([("user", pa.string()), ("item", pa.string()), ("rating", pa.float64()),
                         ("ts", pa.int64()), ("review", pa.string()), ("seq", pa.int64())])
@@ -130,17 +132,48 @@ def _check_row(rows: _Rows, skips: SkipReport, file: str, lineno: int, text: str
     rows.add(str(user).strip(), str(item).strip(), float(r), t, review)  # type: ignore[arg-type]
 
 
-def _lines(path: Path, skips: SkipReport) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of a plain or gzip file; a truncated/corrupt gzip stops with a skip."""
+def _damaged(path: Path, skips: SkipReport, lineno: int, nbytes: int, e: BaseException, allow: bool) -> None:
+    """A (compressed) file that cannot be read past line `lineno` (`nbytes` uncompressed bytes read).
+
+    Raises InputLossError naming the file unless `allow` (data.allow_truncated). Allowed, the readable prefix is kept
+    and the lost rest reported, not charged to data.max_skip_frac (the opt-in accepts it): as 'corrupt_file_rows_lost'
+    with the rows estimated from the gzip size field (the uncompressed size mod 2^32 in the last 4 bytes) when the
+    file is complete but corrupt, else (a truncated file records nowhere how much is missing) as one
+    'truncated_or_corrupt_file'.
+    """
+    what = f"{type(e).__name__}: {e}"
+    if not allow:
+        raise InputLossError(f"{path}: truncated or corrupt file ({what}) after line {lineno}; the rest "
+                             f"of it cannot be read. Replace the file (`gzip -t {path}` checks one), or set "
+                             f"data.allow_truncated=true to keep its first {lineno} lines") from None
+    lost = size = 0
+    if not isinstance(e, EOFError) and lineno and path.suffix == ".gz":
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            size = int.from_bytes(f.read(4), "little")
+        if nbytes < size < 64 * max(path.stat().st_size, 1):  # a plausible size field: the file is whole
+            lost = round((size - nbytes) / (nbytes / lineno))
+    if lost:
+        skips.add("corrupt_file_rows_lost", path.name, lineno + 1,
+                  f"about {lost} rows lost after line {lineno} (estimated from the gzip size field: {nbytes} of "
+                  f"{size} bytes read); {what}", n=lost, budget=False)
+    else:
+        why = ("the file ends early; how many rows are lost after it is not recorded in a truncated file"
+               if isinstance(e, EOFError) else "the rest of the file is unreadable (rows lost: unknown)")
+        skips.add("truncated_or_corrupt_file", path.name, lineno + 1, f"{why}; {what}", budget=False)
+
+
+def _lines(path: Path, skips: SkipReport, allow_truncated: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of a plain or gzip file; a truncated/corrupt gzip raises (see _damaged)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    lineno = 0
+    lineno = nbytes = 0
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                nbytes += len(raw)
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-        # Everything before the damage was read; the rest of the file is lost and reported as one skip.
-        skips.add("truncated_or_corrupt_file", path.name, lineno + 1, f"{type(e).__name__}: {e}")
+        _damaged(path, skips, lineno, nbytes, e, allow_truncated)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,12 +181,13 @@ def _lines(path: Path, skips: SkipReport) -> Iterator[tuple[int, bytes]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_ml_titles(path: Path, sep: str, skips: SkipReport) -> dict[str, str]:
+def _read_ml_titles(path: Path, sep: str, skips: SkipReport, allow_truncated: bool = False) -> dict[str, str]:
     titles: dict[str, str] = {}
-    for lineno, raw in _lines(path, skips):
+    for lineno, raw in _lines(path, skips, allow_truncated):
         text = raw.decode("latin-1").rstrip("\r\n")  # GroupLens files are latin-1 (every byte decodes)
         if not text.strip():
             continue
+        skips.seen(path.name)
         parts = text.split(sep)
         if len(parts) < 2 or not parts[0].strip():
             skips.add("bad_item_line", path.name, lineno, f"expected id{sep}title{sep}...", text)
@@ -162,7 +196,7 @@ def _read_ml_titles(path: Path, sep: str, skips: SkipReport) -> dict[str, str]:
     return titles
 
 
-def read_movielens(root: str | Path, variant: str) -> RawData:
+def read_movielens(root: str | Path, variant: str, allow_truncated: bool = False) -> RawData:
     """MovieLens 100K (`u.data` tab-separated + `u.item` '|'-separated) or 1M (`ratings.dat` + `movies.dat`, '::').
 
     Raises:
@@ -178,15 +212,16 @@ def read_movielens(root: str | Path, variant: str) -> RawData:
     if not root.is_dir():
         raise FileNotFoundError(f"MovieLens folder not found: {root} (set data.path to the unpacked {variant} folder)")
     skips = SkipReport()
-    titles = _read_ml_titles(_require_file(items, f"{variant} item file"), isep, skips)
+    titles = _read_ml_titles(_require_file(items, f"{variant} item file"), isep, skips, allow_truncated)
     rows = _Rows()
-    for lineno, raw in _lines(_require_file(data, f"{variant} ratings file"), skips):
+    for lineno, raw in _lines(_require_file(data, f"{variant} ratings file"), skips, allow_truncated):
+        if not raw.strip():
+            continue
+        skips.seen(data.name)
         try:
             text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             skips.add("bad_encoding", data.name, lineno, str(e), raw.decode("latin-1"))
-            continue
-        if not text.strip():
             continue
         parts = [p.strip() for p in (text.split(sep) if sep != "\t" else text.split())]
         if len(parts) != 4:
@@ -217,11 +252,14 @@ def _json_line(text: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def read_amazon_metadata(path: str | Path, skips: SkipReport) -> dict[str, str]:
+def read_amazon_metadata(path: str | Path, skips: SkipReport, allow_truncated: bool = False) -> dict[str, str]:
     """asin -> title from a metadata file (JSON lines or Python-literal lines, plain or .gz)."""
     path = _require_file(Path(path), "Amazon metadata file")
     titles: dict[str, str] = {}
-    for lineno, raw in _lines(path, skips):
+    for lineno, raw in _lines(path, skips, allow_truncated):
+        if not raw.strip():
+            continue
+        skips.seen(path.name)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -239,7 +277,7 @@ def read_amazon_metadata(path: str | Path, skips: SkipReport) -> dict[str, str]:
     return titles
 
 
-def read_amazon(path: str | Path, metadata_path: str | Path | None = None) -> RawData:
+def read_amazon(path: str | Path, metadata_path: str | Path | None = None, allow_truncated: bool = False) -> RawData:
     """Amazon reviews JSON lines (reviewerID, asin, overall, unixReviewTime, reviewText), plain or .gz.
 
     Titles come from `metadata_path` when given; items without one are named "item <asin>".
@@ -250,13 +288,14 @@ def read_amazon(path: str | Path, metadata_path: str | Path | None = None) -> Ra
     path = _require_file(Path(path), "Amazon reviews file")
     skips = SkipReport()
     rows = _Rows()
-    for lineno, raw in _lines(path, skips):
+    for lineno, raw in _lines(path, skips, allow_truncated):
+        if not raw.strip():
+            continue
+        skips.seen(path.name)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             skips.add("bad_encoding", path.name, lineno, f"not UTF-8: {e}", raw.decode("latin-1"))
-            continue
-        if not text.strip():
             continue
         try:
             obj = json.loads(text)
@@ -282,7 +321,7 @@ def read_amazon(path: str | Path, metadata_path: str | Path | None = None) -> Ra
     titles: dict[str, str] = {}
     inputs = [path]
     if metadata_path:
-        titles = read_amazon_metadata(metadata_path, skips)
+        titles = read_amazon_metadata(metadata_path, skips, allow_truncated)
         inputs.append(Path(metadata_path))
     table = rows.table()
     for asin in pc.unique(table["item"]).to_pylist():
@@ -295,22 +334,32 @@ def read_amazon(path: str | Path, metadata_path: str | Path | None = None) -> Ra
 # --------------------------------------------------------------------------------------------------
 
 
-def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[int, dict[str, object]]]]:
+def _records(path: Path, skips: SkipReport,
+             allow_truncated: bool = False) -> tuple[list[str], Iterator[tuple[int, dict[str, object]]]]:
     """Column names and (line or row number, record) pairs of a Parquet / CSV / TSV (optionally .gz) table.
 
     CSV is parsed with the csv module so that every record keeps its true line number; a record with the wrong
-    number of fields or with bytes that are not UTF-8 is skipped and counted.
+    number of fields or with bytes that are not UTF-8 is skipped and counted. Every record is counted as read
+    (`SkipReport.seen`). A Parquet file that cannot be read, or a truncated/corrupt .gz (unless `allow_truncated`,
+    see _damaged), raises InputLossError naming the file.
     """
     if path.suffix == ".parquet":
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise InputLossError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
         names = pf.schema_arrow.names
 
         def parquet_rows() -> Iterator[tuple[int, dict[str, object]]]:
             n = 0
-            for batch in pf.iter_batches(batch_size=65536):
-                for rec in batch.to_pylist():
-                    n += 1
-                    yield n, rec
+            try:
+                for batch in pf.iter_batches(batch_size=65536):
+                    skips.seen(path.name, batch.num_rows)
+                    for rec in batch.to_pylist():
+                        n += 1
+                        yield n, rec
+            except (pa.ArrowException, OSError) as e:
+                raise InputLossError(f"{path}: Parquet file damaged after row {n} ({type(e).__name__}: {e})") from None
 
         return names, parquet_rows()
     if not any(x in (".csv", ".tsv") for x in path.suffixes):
@@ -328,6 +377,7 @@ def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[i
         raise ValueError(f"{path}: empty file (no header line)") from None
 
     def csv_rows() -> Iterator[tuple[int, dict[str, object]]]:
+        nbytes = 0
         with f:
             try:
                 for row in reader:
@@ -335,6 +385,8 @@ def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[i
                     text = delim.join(row)
                     if not row:
                         continue
+                    skips.seen(path.name)
+                    nbytes += len(text.encode("utf-8", "surrogateescape")) + 1
                     if len(row) != len(names):
                         skips.add("wrong_field_count", path.name, line,
                                   f"expected {len(names)} fields, got {len(row)}",
@@ -348,7 +400,7 @@ def _records(path: Path, skips: SkipReport) -> tuple[list[str], Iterator[tuple[i
                         continue
                     yield line, dict(zip(names, row))
             except (EOFError, gzip.BadGzipFile, zlib.error, OSError, csv.Error) as e:
-                skips.add("truncated_or_corrupt_file", path.name, reader.line_num + 1, f"{type(e).__name__}: {e}")
+                _damaged(path, skips, reader.line_num, nbytes, e, allow_truncated)
 
     return names, csv_rows()
 
@@ -379,9 +431,17 @@ class _TableRows:
     labels: Counter[int]
 
 
-def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport) -> _TableRows:
-    """The validated rows of one interaction table (see read_table); raises on a bad mapping or bad labels."""
-    names, records = _records(path, skips)
+def _scale_guess(lo: float, hi: float) -> tuple[float, float]:
+    """The scale [a, b] a rating column with values from lo to hi > 5 most likely uses (0-10, 1-10, 0-100, ...)."""
+    a = 0.0 if lo < RATING_MIN else RATING_MIN
+    b = next((c for c in (10.0, 100.0) if hi <= c), hi)
+    return a, b
+
+
+def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport, allow_truncated: bool = False) -> _TableRows:
+    """The validated rows of one interaction table (see read_table); raises on a bad mapping, bad labels or a rating
+    column on another scale."""
+    names, records = _records(path, skips, allow_truncated)
     score = ("label", columns.label) if columns.label else ("rating", columns.rating)
     wanted = {"user": columns.user, "item": columns.item, score[0]: score[1], "timestamp": columns.timestamp}
     if columns.review:
@@ -398,6 +458,8 @@ def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport) -> _Ta
     bad_labels: Counter[str] = Counter()
     bad_example = ""
     zero_or_one = other_rating = 0  # a 0/1 label column mapped as data.columns.rating (see below)
+    numeric = out_of_scale = 0  # a rating column on a larger scale than 1-5 (see below)
+    lo, hi = math.inf, -math.inf
     for lineno, rec in records:
         vals = {k: rec[v] for k, v in wanted.items()}
         text = ",".join(str(v) for v in vals.values())
@@ -420,6 +482,11 @@ def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport) -> _Ta
                 zero_or_one += 1
             elif _parse_rating(rating) != "bad":
                 other_rating += 1
+            if _parse_rating(rating) != "bad":
+                numeric += 1
+                v = float(rating)  # type: ignore[arg-type]
+                lo, hi = min(lo, v), max(hi, v)
+                out_of_scale += v > RATING_MAX  # values below 1 (a 0 = "not rated") are left to the budget
         before = len(rows.user)
         _check_row(rows, skips, path.name, lineno, text, vals["user"], vals["item"], rating,
                    vals["timestamp"], review or "")
@@ -435,11 +502,22 @@ def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport) -> _Ta
         raise ValueError(f"{path}: column {columns.rating!r} (data.columns.rating) holds only 0 and 1 "
                          f"({zero_or_one} rows): that is 0/1 feedback, not a 1-5 rating, and every 0 would be dropped "
                          f"as out of range; set data.columns.label={columns.rating!r} instead")
+    if not columns.label and out_of_scale >= 2 and out_of_scale > 0.05 * numeric:
+        # Not a few stray values above 5 (those are skipped and counted, the input-loss budget decides) but a larger
+        # scale (0-10, 1-10, 0-100). Values below 1 alone are skipped too: a 0 often means "not rated".
+        a, b = _scale_guess(lo, hi)
+        raise InputLossError(
+            f"{path}: column {columns.rating!r} (data.columns.rating) holds ratings from {lo:g} to {hi:g}: "
+            f"{out_of_scale} of {numeric} rows ({100 * out_of_scale / numeric:.1f}%) are above the 1-5 scale the "
+            f"pipeline reads and would be dropped as out of range (with every value below 1). It looks like a {a:g}-{b:g} scale: rescale the "
+            f"column to 1-5 before preparing (r' = 1 + 4 * (r - {a:g}) / {b - a:g}); for 0/1 feedback map it as "
+            f"data.columns.label instead")
     return _TableRows(rows, titles, labels)
 
 
-def _read_item_titles(ipath: Path, columns: ColumnMap, skips: SkipReport) -> dict[str, str]:
-    inames, irecords = _records(ipath, skips)
+def _read_item_titles(ipath: Path, columns: ColumnMap, skips: SkipReport,
+                      allow_truncated: bool = False) -> dict[str, str]:
+    inames, irecords = _records(ipath, skips, allow_truncated)
     tcol = columns.title or "title"
     if missing_i := [c for c in (columns.item, tcol) if c not in inames]:
         raise ValueError(f"{ipath}: items table lacks column(s) {missing_i} (data.columns.item / "
@@ -452,7 +530,8 @@ def _read_item_titles(ipath: Path, columns: ColumnMap, skips: SkipReport) -> dic
     return titles
 
 
-def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
+def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | None = None,
+               allow_truncated: bool = False) -> RawData:
     """A Parquet/CSV interaction table whose columns are named by `columns` (data.columns).
 
     `items_path` (data.metadata_path) may name a second table with columns `columns.item` and
@@ -462,16 +541,19 @@ def read_table(path: str | Path, columns: ColumnMap, items_path: str | Path | No
     Raises:
         FileNotFoundError: a file is missing.
         ValueError: a mapped column is absent (naming it and the columns that exist); a label other than 0/1, a
-            label column with one class only, or a rating column holding only 0/1 (naming file, column, counts).
+            label column with one class only, or a rating column holding only 0/1 (naming file, column, counts);
+            (InputLossError) a rating column on another scale than 1-5 (naming the scale and the rescaling), an
+            unreadable Parquet file, a truncated or corrupt .gz unless `allow_truncated` (data.allow_truncated).
     """
-    return read_tables({"train": path}, columns, items_path)
+    return read_tables({"train": path}, columns, items_path, allow_truncated)
 
 
 SPLIT_FILES = ("train", "valid", "test")
 """Predefined split files in the order of their split codes 0/1/2 (samples.SPLIT_CODE)."""
 
 
-def read_tables(paths: dict[str, str | Path], columns: ColumnMap, items_path: str | Path | None = None) -> RawData:
+def read_tables(paths: dict[str, str | Path], columns: ColumnMap, items_path: str | Path | None = None,
+                allow_truncated: bool = False) -> RawData:
     """read_table over predefined split files (keys of SPLIT_FILES; just 'train' = one table, no split column).
 
     With several files the rows carry `split` (int8 0/1/2, the file they came from) and `seq` runs on across the
@@ -486,7 +568,7 @@ def read_tables(paths: dict[str, str | Path], columns: ColumnMap, items_path: st
              for sp in SPLIT_FILES if sp in paths}
     tables, titles, labels = [], {}, Counter()
     for code, (sp, path) in enumerate(files.items()):
-        got = _read_interactions(path, columns, skips)
+        got = _read_interactions(path, columns, skips, allow_truncated)
         t = got.rows.table(with_label=columns.label is not None)
         if len(files) > 1:
             t = t.append_column("split", pa.array(np.full(t.num_rows, code, dtype=np.int8)))
@@ -502,7 +584,7 @@ def read_tables(paths: dict[str, str | Path], columns: ColumnMap, items_path: st
     if items_path:
         ipath = _require_file(Path(items_path), "items table")
         inputs.append(ipath)
-        titles.update(_read_item_titles(ipath, columns, skips))
+        titles.update(_read_item_titles(ipath, columns, skips, allow_truncated))
     for i in pc.unique(tab["item"]).to_pylist():
         titles.setdefault(i, f"item {i}")
     return RawData(tab, titles, skips, inputs, has_reviews=columns.review is not None)
@@ -516,16 +598,16 @@ def read_raw(cfg: DataConfig, raw_dir: str | Path | None = None) -> RawData:
         from ckf_dist.data.synthetic import INTERACTIONS_FILE, ITEMS_FILE
 
         cols = ColumnMap(user="user_id", item="item_id", rating="rating", timestamp="timestamp", review="review")
-        return read_table(Path(raw_dir) / INTERACTIONS_FILE, cols, Path(raw_dir) / ITEMS_FILE)
+        return read_table(Path(raw_dir) / INTERACTIONS_FILE, cols, Path(raw_dir) / ITEMS_FILE, cfg.allow_truncated)
     if cfg.path is None:
         raise ValueError(f"data.path is required for data.source={cfg.source!r}")
     if cfg.source in ("ml-100k", "ml-1m"):
-        return read_movielens(cfg.path, cfg.source)
+        return read_movielens(cfg.path, cfg.source, cfg.allow_truncated)
     if cfg.source == "amazon":
-        return read_amazon(cfg.path, cfg.metadata_path)
+        return read_amazon(cfg.path, cfg.metadata_path, cfg.allow_truncated)
     if cfg.source == "table":
         if cfg.valid_path and cfg.test_path:
             return read_tables({"train": cfg.path, "valid": cfg.valid_path, "test": cfg.test_path}, cfg.columns,
-                               cfg.metadata_path)
-        return read_table(cfg.path, cfg.columns, cfg.metadata_path)
+                               cfg.metadata_path, cfg.allow_truncated)
+        return read_table(cfg.path, cfg.columns, cfg.metadata_path, cfg.allow_truncated)
     raise ValueError(f"unknown data.source {cfg.source!r}")

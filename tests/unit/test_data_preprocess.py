@@ -119,7 +119,8 @@ def test_errors_name_the_problem(tmp_path):
         prepare_data(DataConfig(source="amazon", prepared_dir=str(tmp_path / "o4")), engine="local")
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"u": ["a"], "i": ["x"], "r": [9.0], "t": [1]}), bad)
-    with pytest.raises(ValueError, match="no valid interaction.*rating_out_of_range=1"):
+    with pytest.raises(ValueError, match=r"(?s)1 of 1 records of bad.parquet \(100.00%\) could not be read.*"
+                                         r"skipped 1 \[rating_out_of_range\], e.g. bad.parquet:1 rating 9.0 outside"):
         prepare_data(DataConfig(source="table", path=str(bad), columns=cols, tasks=["ctr"],
                                 prepared_dir=str(tmp_path / "o5")), engine="local")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

@@ -44,19 +44,52 @@ def test_amazon_bad_lines_counted(tmp_path):
     assert raw.titles["I1"] == "item I1"  # no metadata: a readable id
 
 
-def test_amazon_truncated_gzip(tmp_path):
+def test_amazon_truncated_gzip_is_an_error_unless_allowed(tmp_path):
     from ckf_dist.data.readers import read_amazon
+    from ckf_dist.data.skips import InputLossError
 
     lines = [_review(f"U{n % 7}", f"I{n}", text="word " * 30) for n in range(400)]
     blob = gzip.compress(("\n".join(lines) + "\n").encode())
     p = tmp_path / "reviews.json.gz"
     p.write_bytes(blob[: len(blob) // 2])
-    raw = read_amazon(p)
+    with pytest.raises(InputLossError, match=r"reviews.json.gz: truncated or corrupt file \(EOFError.*after line \d+"
+                                             r".*data.allow_truncated=true"):
+        read_amazon(p)
+    raw = read_amazon(p, allow_truncated=True)
     got = raw.interactions.num_rows
     assert 0 < got < 400
     assert raw.skips.counts["truncated_or_corrupt_file"] == 1
+    ex = raw.skips.to_dict()["examples"]["truncated_or_corrupt_file"][0]
+    assert ex["file"] == "reviews.json.gz" and "the file ends early" in ex["detail"]
     assert got + raw.skips.counts.get("bad_json", 0) <= 400  # a cut last line may show up as bad JSON
     assert raw.interactions["item"].to_pylist() == [f"I{n}" for n in range(got)]  # an exact prefix
+    # The accepted tail is reported, not charged to the input-loss budget; the cut last line is.
+    assert raw.skips.file_stats()["reviews.json.gz"]["skipped"] == raw.skips.counts.get("bad_json", 0)
+
+
+def test_corrupt_complete_gzip_counts_the_rows_lost(tmp_path):
+    """A gzip that is whole but damaged inside: the rows after the damage are estimated from its size field."""
+    import zlib
+
+    from ckf_dist.data.readers import read_amazon
+    from ckf_dist.data.skips import InputLossError
+
+    lines = [_review(f"U{n % 7}", f"I{n}", text=f"review {n} " + "word " * 30) for n in range(2000)]
+    body = ("\n".join(lines) + "\n").encode()
+    co = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing, in two flushed halves
+    first = co.compress(body[: len(body) // 4]) + co.flush(zlib.Z_FULL_FLUSH)
+    blob = bytearray(first + co.compress(body[len(body) // 4:]) + co.flush())
+    blob[len(first)] = 0x07  # the block after the first quarter: BFINAL=1, BTYPE=11 (invalid) -> zlib.error there
+    p = tmp_path / "reviews.json.gz"
+    p.write_bytes(bytes(blob))
+    with pytest.raises(InputLossError, match="reviews.json.gz: truncated or corrupt file"):
+        read_amazon(p)
+    raw = read_amazon(p, allow_truncated=True)
+    lost = raw.skips.counts["corrupt_file_rows_lost"]
+    got = raw.interactions.num_rows
+    assert got < 1000 and abs(got + lost - 2000) <= 20, (got, lost)  # counted in rows, not as 1 skip
+    assert raw.interactions["item"].to_pylist() == [f"I{n}" for n in range(got)]
+    assert "estimated from the gzip size field" in raw.skips.to_dict()["examples"]["corrupt_file_rows_lost"][0]["detail"]
 
 
 def test_amazon_metadata_titles(tmp_path):
@@ -148,12 +181,80 @@ def test_table_csv_mapping_types_and_encoding(tmp_path):
 
 def test_table_truncated_csv_gz(tmp_path):
     from ckf_dist.data.readers import read_table
+    from ckf_dist.data.skips import InputLossError
 
     body = "u,i,r,t\n" + "".join(f"u{n % 5},i{n},4,{n}\n" for n in range(3000))
     blob = gzip.compress(body.encode())
     p = tmp_path / "t.csv.gz"
     p.write_bytes(blob[: len(blob) // 2])
-    raw = read_table(p, ColumnMap(user="u", item="i", rating="r", timestamp="t"))
+    cols = ColumnMap(user="u", item="i", rating="r", timestamp="t")
+    with pytest.raises(InputLossError, match=r"t.csv.gz: truncated or corrupt file.*data.allow_truncated=true"):
+        read_table(p, cols)
+    raw = read_table(p, cols, allow_truncated=True)
     assert 0 < raw.interactions.num_rows < 3000
     assert raw.skips.counts["truncated_or_corrupt_file"] == 1
     assert raw.interactions["item"].to_pylist() == [f"i{n}" for n in range(raw.interactions.num_rows)]
+
+
+def _scale_table(tmp_path: Path, fmt: str, scale: tuple[int, int], n: int = 300) -> Path:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    cols = {"user_id": [f"u{k % 30}" for k in range(n)], "item_id": [f"i{k % 50}" for k in range(n)],
+            "rating": [float(rng.randint(*scale)) for _ in range(n)], "timestamp": list(range(n))}
+    p = tmp_path / f"scale.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table(cols), p)
+    else:
+        p.write_text("user_id,item_id,rating,timestamp\n" + "".join(f"{u},{i},{r:g},{t}\n" for u, i, r, t in
+                                                                     zip(*cols.values())))
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_rating_scale_other_than_1_to_5_is_named_with_the_fix(tmp_path, fmt):
+    from ckf_dist.data.readers import read_table
+    from ckf_dist.data.skips import InputLossError
+
+    p = _scale_table(tmp_path, fmt, (0, 10))
+    with pytest.raises(InputLossError, match=rf"scale.{fmt}: column 'rating' \(data.columns.rating\) holds ratings "
+                                             r"from 0 to 10: \d+ of 300 rows .* above the 1-5 scale.* 0-10 scale: "
+                                             r"rescale the column to 1-5 before preparing \(r' = 1 \+ 4 \* \(r - 0\) / 10\)"):
+        read_table(p, ColumnMap())
+    # A few stray values on a 1-5 table are skipped lines (the input-loss budget decides), not another scale.
+    (tmp_path / "ok").mkdir()
+    ok = _scale_table(tmp_path / "ok", "csv", (1, 5))
+    ok.write_text(ok.read_text() + "u1,i1,7,999\nu2,i2,0,999\n")
+    raw = read_table(ok, ColumnMap())
+    assert raw.skips.counts["rating_out_of_range"] == 2 and raw.interactions.num_rows == 300
+
+
+def test_zero_one_rating_column_still_points_to_the_label_mapping(tmp_path):
+    from ckf_dist.data.readers import read_table
+
+    p = tmp_path / "clicks.csv"
+    p.write_text("user_id,item_id,rating,timestamp\n" + "".join(f"u{k % 4},i{k},{k % 2},{k}\n" for k in range(40)))
+    with pytest.raises(ValueError, match=r"holds only 0 and 1 .*set data.columns.label='rating' instead"):
+        read_table(p, ColumnMap())
+
+
+def test_unreadable_parquet_is_named(tmp_path):
+    from ckf_dist.data.readers import read_table
+    from ckf_dist.data.skips import InputLossError
+
+    p = _scale_table(tmp_path, "parquet", (1, 5))
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    with pytest.raises(InputLossError, match=r"scale.parquet: not a readable Parquet file"):
+        read_table(p, ColumnMap())
+
+
+def test_readers_count_records_per_file(tmp_path):
+    """The input-loss budget's denominators: every non-blank record of every input file, kept or skipped."""
+    from ckf_dist.data.readers import read_movielens
+
+    root = _ml100k(tmp_path / "ml", [b"1\t1\t5\t881250949", b"", b"1\t2\t3\t881250950", b"2;1;4;881250949"])
+    raw = read_movielens(root, "ml-100k")
+    assert raw.skips.file_stats() == {"u.data": {"read": 3, "skipped": 1}, "u.item": {"read": 2, "skipped": 0}}

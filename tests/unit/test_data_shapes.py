@@ -294,6 +294,11 @@ def test_alpaca_files_become_text_only_ctr_samples(tmp_path):
 
     valid = [*alpaca_records(5, start=20), "{not json", json.dumps({"instruction": "x"}), json.dumps([1])]
     cfg = alpaca_cfg(tmp_path, alpaca_records(20), valid, alpaca_records(6, start=25))
+    # 3 of the 8 valid records are bad: over the input-loss budget, the preparation stops, naming file and reasons.
+    with pytest.raises(ValueError, match=r"(?s)3 of 8 records of valid.jsonl \(37.50%\) could not be read.*"
+                                         r"skipped 2 \[bad_json\], e.g. valid.jsonl:6"):
+        prepare_data(cfg, engine="local")
+    cfg.max_skip_frac = 0.5
     m = prepare_data(cfg, engine="local")
     assert m["counts"] == {"train": {"ctr": 20}, "valid": {"ctr": 5}, "test": {"ctr": 6}}
     assert m["skips"]["counts"] == {"bad_json": 2, "missing_field": 1}
