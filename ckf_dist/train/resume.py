@@ -12,7 +12,8 @@ Each checkpoint's run.json records the resolved configuration and a fingerprint 
   shapes or the data streams the checkpoint holds positions of) cannot work and are refused even then.
 
 SAFE: more (never fewer than done) `train.max_steps` -- the LR schedule's decay is stretched to the new total from
-the current step on; `log.*` except `log.run_dir`; `eval.*`; `train.ckpt_every`, `train.ckpt_keep`,
+the current step on; `log.*` (`log.run_dir` too: the checkpoint was found in it, so the run directory was moved or
+copied); `eval.*`; `train.ckpt_every`, `train.ckpt_keep`,
 `train.eval_every`, `train.collective_timeout_s`, `train.prefetch` (exact resume either way),
 `train.max_nonfinite_steps`, `train.resume`; paths that only say where the same inputs are (`data.prepared_dir`,
 `cf.embeddings_path`, `model.base_model`, `train.ds_config`) -- what they point at is compared by the fingerprint.
@@ -30,7 +31,6 @@ SAFE_FIELDS = ("train.ckpt_every", "train.ckpt_keep", "train.eval_every", "train
                "train.prefetch", "train.max_nonfinite_steps", "train.resume", "data.prepared_dir",
                "cf.embeddings_path", "model.base_model", "train.ds_config")
 SAFE_SECTIONS = ("log.", "eval.")
-UNSAFE_IN_SAFE_SECTIONS = ("log.run_dir",)  # where the checkpoint is: a different one is a different run anyway
 SHAPE_FIELDS = ("data.tasks",)
 SHAPE_SECTIONS = ("multi_lora.", "model.tiny.", "cf.dim")
 SHAPE_MODEL = ("model.meta_hidden", "model.pooling")
@@ -52,8 +52,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def is_safe(key: str) -> bool:
-    if key in UNSAFE_IN_SAFE_SECTIONS:
-        return False
     return key in SAFE_FIELDS or key.startswith(SAFE_SECTIONS)
 
 
@@ -146,3 +144,20 @@ def tensor_fingerprint(*tensors) -> str:
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def preflight(cfg) -> None:
+    """The configuration part of the resume check, before any stage runs (no collectives, no hashing; every rank
+    may call it): refuses early -- before config.yaml is rewritten and data or CF tables are rebuilt for a
+    configuration that finetune would refuse. finetune still makes the full check (intact checkpoint, inputs).
+
+    Raises:
+        ResumeRefused: as `check_resume`, against the newest checkpoint with a manifest.
+    """
+    from ckf_dist.train.checkpoint import complete_checkpoints, read_run_info
+
+    if cfg.train.resume == "never" or not (found := complete_checkpoints(cfg.log.run_dir)):
+        return
+    info = read_run_info(found[-1])
+    check_resume(str(found[-1]), info.get("config"), cfg.to_dict(), None, {}, int(info.get("step", -1)),
+                 cfg.train.resume)

@@ -162,3 +162,23 @@ def test_deepspeed_zero3_skips_the_update_of_a_non_finite_gradient(monkeypatch):
     engine.step()
     assert not engine.optimizer.overflow and math.isfinite(engine.get_global_grad_norm())
     assert not all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+
+
+def test_preflight_refuses_before_any_stage(tmp_path):
+    import dataclasses
+
+    from ckf_dist.train.checkpoint import RUN_FILE, write_manifest
+    from ckf_dist.train.resume import preflight
+
+    cfg = RunConfig()
+    cfg.log = dataclasses.replace(cfg.log, run_dir=str(tmp_path))
+    folder = tmp_path / "checkpoints" / "step-000004"
+    folder.mkdir(parents=True)
+    (folder / RUN_FILE).write_text(json.dumps({"step": 4, "config": cfg.to_dict()}))
+    write_manifest(folder, 4, 1)
+    preflight(cfg)  # same config: nothing to say
+    cfg.train = dataclasses.replace(cfg.train, lr=0.5)
+    with pytest.raises(ResumeRefused, match="train.lr: 0.0001 -> 0.5"):
+        preflight(cfg)
+    cfg.train = dataclasses.replace(cfg.train, resume="never")
+    preflight(cfg)
