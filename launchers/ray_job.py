@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ckf_dist.cli import parse_run_args
-from ckf_dist.train.deepspeed_utils import loopback_interface
+from ckf_dist.train.deepspeed_utils import loopback_interface, ray_train_torch_config
 
 
 def _worker(config: dict) -> None:
@@ -36,10 +36,11 @@ def main() -> None:
     import ray
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    local = not (ray.is_initialized() or args.address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
-        if args.address or os.environ.get("RAY_ADDRESS"):
+        if not local:
             # A cluster: its nodes bind as `ray start` set them up (cluster/ray/cluster.yaml); nothing changes here.
             ray.init(address=args.address)
         else:
@@ -58,8 +59,9 @@ def main() -> None:
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "gpu": args.gpu},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.gpu),
-        torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo",
-                                 timeout_s=cfg.train.collective_timeout_s),
+        # Local Ray: the workers' process group on 127.0.0.1 too (store and gloo); a cluster keeps Ray Train's own.
+        torch_config=ray_train_torch_config("nccl" if args.gpu else "gloo", cfg.train.collective_timeout_s,
+                                            single_node=local),
         run_config=RayRunConfig(name="ckf", storage_path=os.path.abspath(os.path.join(cfg.log.run_dir, "ray"))),
     )
     result = trainer.fit()

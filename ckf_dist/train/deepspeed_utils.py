@@ -115,6 +115,49 @@ def bind_single_node(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+def ray_train_torch_config(backend: str, timeout_s: int, single_node: bool) -> Any:
+    """Ray Train's TorchConfig; for a single-node (local) Ray, one whose process group binds to 127.0.0.1.
+
+    Ray Train's own set-up (`ray.train.torch.config._TorchBackend.on_start`) creates the group with
+    init_method env:// on the first worker's node IP, and torch's store then listens on every interface. The
+    single-node variant instead has worker 0 pick a free port on 127.0.0.1 and every worker join through
+    `bind_single_node` (store on 127.0.0.1, gloo/NCCL on the loopback interface). On a cluster (single_node=False)
+    Ray Train's default is used unchanged: the workers of other nodes must reach the store.
+    """
+    from dataclasses import dataclass
+
+    import ray
+    from ray.train.torch import TorchConfig
+
+    if not single_node:
+        return TorchConfig(backend=backend, timeout_s=timeout_s)
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+    class _LoopbackTorchBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            port = worker_group.execute_single(0, free_port)
+            if not isinstance(worker_group, V1WorkerGroup):  # as Ray Train does: LOCAL_RANK, NODE_RANK...
+                worker_group.execute(_set_torch_distributed_env_vars)
+            n = len(worker_group)
+            ray.get([worker_group.execute_single_async(i, _join_loopback_group, world_rank=i, world=n, port=port,
+                                                       backend=backend_config.backend,
+                                                       timeout_s=backend_config.timeout_s) for i in range(n)])
+
+    @dataclass
+    class _LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _LoopbackTorchBackend
+
+    return _LoopbackTorchConfig(backend=backend, timeout_s=timeout_s)
+
+
+def _join_loopback_group(world_rank: int, world: int, port: int, backend: str, timeout_s: int) -> None:
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(world_rank), WORLD_SIZE=str(world))
+    bind_single_node(backend, datetime.timedelta(seconds=timeout_s))
+
+
 def release_shm_buffer() -> bool:
     """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer from /dev/shm, once every rank has mapped it.
 

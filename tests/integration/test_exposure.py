@@ -8,6 +8,7 @@ import ipaddress
 import multiprocessing as mp
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,57 @@ def test_a_second_job_on_a_locked_run_dir_is_refused_and_a_killed_holder_does_no
         assert f'"pid": {int(pid_file.read_text())}' in (run / ".run.lock").read_text()
     finally:
         kill_group(third)
+
+
+def _ray_train_loop(config: dict) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(2)
+    dist.all_reduce(t)
+    assert float(t[0]) == dist.get_world_size()
+    time.sleep(config["hold_s"])  # the driver lists the sockets meanwhile
+
+
+@pytest.mark.slow
+def test_ray_train_on_a_local_ray_listens_on_loopback_only(tmp_path):
+    # launchers/ray_job.py without --address: a local Ray, and the workers' process group from
+    # ray_train_torch_config (Ray Train's default puts torch's store on every interface).
+    import threading
+
+    ray = pytest.importorskip("ray")
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ckf_dist.data.preprocess import init_local_ray
+    from ckf_dist.train.deepspeed_utils import ray_train_torch_config
+
+    seen: set[tuple[int, str, str, int]] = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.update(sockets_of(descendants(os.getpid())))
+            time.sleep(0.5)
+
+    started = init_local_ray(4, 100)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        trainer = TorchTrainer(_ray_train_loop, train_loop_config={"hold_s": 5},
+                               scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                               torch_config=ray_train_torch_config("gloo", 60, single_node=True),
+                               run_config=RayRunConfig(name="exposure", storage_path=str(tmp_path / "ray")))
+        result = trainer.fit()
+        assert result.error is None, result.error
+    finally:
+        stop.set()
+        sampler.join(10)
+        if started:
+            ray.shutdown()
+    exposed = sorted(s for s in seen if not is_loopback(s[2]))
+    assert not exposed, f"listening on a non-loopback address: {exposed}"
+    assert any(s[1].startswith("ray::RayTrainWo") for s in seen), sorted({s[1] for s in seen})
