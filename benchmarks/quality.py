@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def run_variant(name: str, config: str, run_dir: Path, nproc: int, overrides: li
     print(f"  {name:<16} running (log: {log}) ...", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as out:  # a file, not a pipe: a long run's output can be followed with tail -f
-        res = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT, text=True, check=False)
+        res = subprocess.run(cmd, cwd=ROOT, env=env(threads=max(1, (os.cpu_count() or 1) // nproc)), stdout=out, stderr=subprocess.STDOUT, text=True, check=False)
     wall = time.perf_counter() - t0
     if res.returncode != 0 or not (run_dir / "metrics.json").is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-TAIL_LINES:])

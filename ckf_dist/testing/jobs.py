@@ -35,8 +35,11 @@ def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
             *overrides]
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+def env(threads: int = 1) -> dict[str, str]:
+    """The environment of a launched job. `threads` per rank: tests keep 1 (two ranks on two cores, no
+    oversubscription); a 1-rank benchmark run on a 2-core machine wants os.cpu_count() (one thread would leave half
+    the machine idle: a SmolLM2 step took 26 s instead of about 17 s)."""
+    e = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
              PYTHONPATH=str(ROOT))
     return e
 
