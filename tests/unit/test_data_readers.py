@@ -90,6 +90,7 @@ def test_corrupt_complete_gzip_counts_the_rows_lost(tmp_path):
     assert got < 1000 and abs(got + lost - 2000) <= 20, (got, lost)  # counted in rows, not as 1 skip
     assert raw.interactions["item"].to_pylist() == [f"I{n}" for n in range(got)]
     assert "estimated from the gzip size field" in raw.skips.to_dict()["examples"]["corrupt_file_rows_lost"][0]["detail"]
+    assert raw.skips.file_stats() == {"reviews.json.gz": {"read": got, "skipped": 0}}  # accepted: not charged
 
 
 def test_amazon_metadata_titles(tmp_path):

@@ -123,6 +123,7 @@ def test_truncated_gzip_stops_unless_allowed_and_a_reuse_rechecks(tmp_path, caps
     # The cut last line is a bad_json skip: 1 of ~600 records, so a budget of 0.5% lets it through.
     m = prepare_data(cfg(allow_truncated=True, max_skip_frac=0.005), engine="local")
     assert m["skips"]["counts"]["truncated_or_corrupt_file"] == 1
+    assert m["skips"]["files"]["reviews.json.gz"]["skipped"] == m["skips"]["counts"].get("bad_json", 0) <= 1
     assert "skipped 1 [truncated_or_corrupt_file], e.g. reviews.json.gz:" in capsys.readouterr().out
     with pytest.raises(InputLossError, match="data.allow_truncated=true"):
         prepare_data(cfg(max_skip_frac=0.005), engine="local")
