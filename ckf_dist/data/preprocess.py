@@ -429,7 +429,7 @@ def print_skip_summary(manifest: dict[str, Any], where: str, reused: bool = Fals
     """The skip summary of a preparation on the console (prepare_data runs on rank 0 only)."""
     skips = manifest.get("skips", {})
     head = (f"[ckf] prepare {where}{' (up to date, reused)' if reused else ''}: {manifest.get('raw_rows_read', 0)} "
-            f"rows read, {skips.get('total', 0)} lines / interactions skipped")
+            f"input rows kept, {skips.get('total', 0)} lines / interactions skipped")
     print("\n    ".join([head, *summary_lines(skips, skips.get("files"))]), flush=True)
 
 
