@@ -58,9 +58,13 @@ def _train(argv: list[str]) -> None:
 
 def _prepare(argv: list[str]) -> None:
     from ckf_dist.data.preprocess import prepare_data
+    from ckf_dist.data.skips import InputLossError
 
     cfg = parse_run_args(argv, "ckf-dist prepare")
-    prepare_data(cfg.data)
+    try:
+        prepare_data(cfg.data)
+    except InputLossError as e:  # the summary (per file, reason, file:line) is the message; no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 def _train_cf(argv: list[str]) -> None:

@@ -163,3 +163,25 @@ def test_alpaca_eval_cap_is_a_random_subset_of_records(tmp_path):
     got = eval_samples(cfg, "test", 5)
     assert len(got) == 5 and [s["key"] for s in got] == [s["key"] for s in eval_samples(cfg, "test", 5)]
     assert {s["key"] for s in got} != {s["key"] for s in everything[:5]}  # seeded random, not the first five
+
+
+@pytest.mark.distributed
+def test_a_file_over_the_input_loss_budget_stops_the_main_job_with_the_summary(tmp_path):
+    """The whole job (2 ranks), not only the prepare stage: rank 0 names the file, the reason and the lines; the other
+    rank says it stops because rank 0 failed; no traceback, no run artifacts past the prepare stage."""
+    rows = binary_rows(n_users=16, n_items=30, per_user=12)
+    path = write_csv(tmp_path / "clicks.csv", rows)
+    lines = path.read_text().splitlines()
+    # Every 4th data row loses its label column: 25% of the file unreadable, far above data.max_skip_frac.
+    path.write_text("\n".join(ln if i % 4 or i == 0 else ln.rsplit(",", 3)[0] for i, ln in enumerate(lines)) + "\n")
+    run = tmp_path / "run"
+    res = run_job([f"log.run_dir={run}", f"data.prepared_dir={tmp_path / 'data'}", "data.source=table",
+                   f"data.path={path}", "data.columns.label=clicked", "data.columns.title=title",
+                   "data.tasks=['ctr','topk']", "data.num_candidates=6", "cf.model=bpr", "eval.ks=[1,3]",
+                   *TINY_FILES], nproc=2, timeout=300)
+    assert res.returncode != 0
+    err = res.stderr
+    assert "error: " in err and "clicks.csv:5 expected 5 fields" in err and "max_skip_frac" in err, err[-3000:]
+    assert "[rank 1] stopping: rank 0 failed: InputLossError" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not (run / "cf").exists() and not (run / "checkpoints").exists()
