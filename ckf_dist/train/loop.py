@@ -81,6 +81,7 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(cfg)))
     ckf = engine.module
+    check_learning_rates(scheduler.base_lrs, cfg)
     collator = Collator(tokenizer, cfg.model.max_length, cfg.data.history_len,
                         chat=chat_frame(tokenizer, cfg.model.chat_template, cfg.model.system_prompt))
     streams = {t: TaskStream(cfg.data.prepared_dir, "train", t, rank, world, cfg.data.seed) for t in cfg.data.tasks}
@@ -132,13 +133,13 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
             stats = sums.all_reduce(tracker.get(), world)
             done = step + 1
             grad_norm = engine.get_global_grad_norm()
-            guard.check(done, stats.loss, grad_norm, skipped, stats.bad_params, scheduler.get_last_lr())
+            failure = guard.assess(done, stats.loss, grad_norm, skipped, stats.bad_params, scheduler.get_last_lr())
             if not skipped:
                 mixture.update(stats.grad_norms[ids], stats.task_loss[ids], present=stats.task_tokens[ids] > 0)
 
             progress.update(1)
             progress.set_postfix(loss=f"{stats.loss:.3f}", w_text=f"{text_weight:.2f}")
-            if done % cfg.log.every == 0 or done == cfg.train.max_steps or skipped:
+            if done % cfg.log.every == 0 or done == cfg.train.max_steps or skipped or failure is not None:
                 elapsed = time.perf_counter() - tick
                 logger.log_dict({
                     "train/loss": stats.loss,
@@ -155,13 +156,16 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
                     **stats.task_scalars(cfg.data.tasks, mixture.weights),
                 }, done)
                 tick, seen_samples, seen_tokens, waited = time.perf_counter(), 0, 0, batches.wait_s
+            if failure is not None:  # logged above, never hidden; nothing of this state is checkpointed
+                logger.close()
+                raise failure
             if validate and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
                 batches.wait()  # the tokenizer is not safe to share with the batch-building thread
                 logger.log_dict({f"valid/{k}": v for k, v in validate(ckf, tokenizer).items()}, done)
             stopping = stop.requested()
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps or stopping:
                 rank_state = {"data": batches.state_dict(), "mixture": mixture.state_dict(), "steps_done": done}
-                # guard.check above stopped the run if this step left non-finite parameters: none is saved.
+                # The guard above stopped the run if this step left non-finite parameters: none is saved.
                 save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep, run_info=run_info)
             if stopping:
                 say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
@@ -285,6 +289,17 @@ def resume_from(path: Path, cfg: RunConfig, inputs: dict[str, str], engine, sche
     return steps_done, [*info.get("resumes", []), record]
 
 
+def check_learning_rates(lrs: list[float], cfg: RunConfig) -> None:
+    """Every group's peak learning rate (and lr x weight decay) must be a finite float32: the optimizer applies it
+    to float32 master weights, and a larger one fails inside the step without naming the cause or overflows them."""
+    top = torch.finfo(torch.float32).max
+    for i, lr in enumerate(lrs):
+        if not (math.isfinite(lr) and lr * max(1.0, cfg.train.weight_decay) < top):
+            raise NonfiniteError(f"learning rate {lr} of parameter group {i} (train.lr={cfg.train.lr}, "
+                                 f"train.fusion_lr_scale={cfg.train.fusion_lr_scale}) does not fit a float32 (max "
+                                 f"{top:.3g}): the optimizer update would overflow; use a learning rate like 1e-4")
+
+
 class NonfiniteError(FloatingPointError):
     """Training produced non-finite values it cannot skip (or too many skipped steps in a row)."""
 
@@ -299,18 +314,25 @@ class NonfiniteGuard:
 
     def check(self, step: int, loss: float, grad_norm: float | None, skipped: bool, bad_params: float,
               lrs: list[float]) -> None:
+        """Count this step; raise NonfiniteError when the run must stop."""
+        if (err := self.assess(step, loss, grad_norm, skipped, bad_params, lrs)) is not None:
+            raise err
+
+    def assess(self, step: int, loss: float, grad_norm: float | None, skipped: bool, bad_params: float,
+               lrs: list[float]) -> NonfiniteError | None:
+        """As `check`, but returns the error (the loop logs the step first, then raises it)."""
         loss_ok = math.isfinite(loss)
         if not skipped and bad_params:
-            raise NonfiniteError(
+            return NonfiniteError(
                 f"step {step}: the optimizer update made trainable parameters non-finite (loss {loss}, gradient "
                 f"norm {grad_norm}, learning rates {lrs}); the run has diverged and stops here: no checkpoint or "
                 f"adapter is written from this state. Lower train.lr (or train.fusion_lr_scale), or check the data")
         if not skipped and not loss_ok:
-            raise NonfiniteError(f"step {step}: non-finite loss {loss} but a finite gradient norm ({grad_norm}), so "
+            return NonfiniteError(f"step {step}: non-finite loss {loss} but a finite gradient norm ({grad_norm}), so "
                                  f"DeepSpeed applied the update; stopping before it reaches a checkpoint")
         if not skipped:
             self.in_a_row, self.first_in_row = 0, None
-            return
+            return None
         self.total += 1
         self.in_a_row += 1
         self.first_in_row = self.first_in_row or step
@@ -318,10 +340,11 @@ class NonfiniteGuard:
               f"({self.in_a_row} in a row, {self.total} in total, limit train.max_nonfinite_steps={self.limit})",
               file=sys.stderr, flush=True)
         if self.in_a_row >= self.limit:
-            raise NonfiniteError(
+            return NonfiniteError(
                 f"step {step}: {self.in_a_row} steps in a row (from step {self.first_in_row}) had a non-finite loss "
                 f"or gradient norm (last: loss {loss}, gradient norm {grad_norm}; train.max_nonfinite_steps="
                 f"{self.limit}); the run stops. Lower train.lr, check the data, or resume from the last checkpoint")
+        return None
 
 
 @torch.no_grad()
