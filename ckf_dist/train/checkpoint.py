@@ -383,6 +383,24 @@ def choose_checkpoint(run_dir: str | Path, world: int, warn=None) -> Path | None
                           "\nstart fresh with train.resume=never (or another log.run_dir), or restore the files")
 
 
+def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
+    """train.resume=never with checkpoints present: move them to checkpoints.replaced-<UTC time>/ (rank 0), so the
+    new run's checkpoints are never mixed with (or pruned in favour of) the old run's and a later resume finds only
+    its own. Returns the new place, or None when there was nothing to move."""
+    import time
+
+    root = ckpt_root(run_dir)
+    if not step_dirs(run_dir):
+        return None
+    dest = root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('+')[0]}+{n}")
+    root.rename(dest)
+    return dest
+
+
 def read_run_info(folder: Path) -> dict[str, Any]:
     p = folder / RUN_FILE
     return json.loads(p.read_text()) if p.is_file() else {}

@@ -36,6 +36,7 @@ from ckf_dist.train.checkpoint import (
     load_checkpoint,
     read_run_info,
     save_checkpoint,
+    set_aside_checkpoints,
 )
 from ckf_dist.train.curriculum import curriculum_weight, variants_for
 from ckf_dist.train.deepspeed_utils import make_ds_config
@@ -99,7 +100,11 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
     inputs = input_fingerprint(cfg, base_dir, cf)
     run_info: dict[str, Any] = {"config": cfg.to_dict(), "inputs": inputs, "resumes": []}
     start = 0
-    if cfg.train.resume != "never" and (found := agree_on_checkpoint(run_dir, rank, world)) is not None:
+    if cfg.train.resume == "never":
+        if rank == 0 and (moved := set_aside_checkpoints(run_dir)) is not None:
+            print(f"[ckf] train.resume=never: the existing checkpoints were moved to {moved}; starting at step 0")
+        dist.barrier()
+    elif (found := agree_on_checkpoint(run_dir, rank, world)) is not None:
         start, run_info["resumes"] = resume_from(found, cfg, inputs, engine, scheduler, batches, mixture, ckf, rank)
         say(f"[ckf] resumed from {found} at step {start}")
     guard = NonfiniteGuard(cfg.train.max_nonfinite_steps)

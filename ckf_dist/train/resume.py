@@ -98,8 +98,8 @@ def check_resume(ckpt: str, old_cfg: dict[str, Any] | None, new_cfg: dict[str, A
         ResumeRefused: unsafe changes without train.resume=force, or shape changes (even with force), or a
             checkpoint without a recorded configuration.
     """
-    fresh = ("start fresh with train.resume=never (the checkpoints are then overwritten as the new run reaches "
-             "their steps) or another log.run_dir")
+    fresh = ("start fresh with train.resume=never (the existing checkpoints are then moved to "
+             "checkpoints.replaced-<time>/) or another log.run_dir")
     if old_cfg is None:
         raise ResumeRefused(f"{ckpt} records no configuration (written by an older version); cannot check that it "
                             f"belongs to this run: {fresh}")

@@ -191,3 +191,11 @@ def test_save_writes_private_files_and_the_manifest_last(tmp_path):
         assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
     assert ck.verify_checkpoint(final) == []
     assert ck.read_run_info(final)["config"] == {"train": {"lr": 0.1}}
+
+
+def test_resume_never_sets_the_old_checkpoints_aside(tmp_path):
+    _fake_ckpt(tmp_path, 2)
+    moved = ck.set_aside_checkpoints(tmp_path)
+    assert moved is not None and moved.name.startswith("checkpoints.replaced-") and (moved / "step-000002").is_dir()
+    assert ck.choose_checkpoint(tmp_path, 2) is None
+    assert ck.set_aside_checkpoints(tmp_path) is None  # nothing left to move
