@@ -13,8 +13,11 @@ Layout (format 2)::
 
 A checkpoint is written into `.tmp-step-000050` and renamed only after every rank has finished writing and the
 manifest is in place, so a crash mid-save never leaves a directory that a resume would pick; the newest K complete
-ones are kept. Directories are created 0700 and files 0600 (private: run directories often live on shared
-storage); DeepSpeed's own files are chmod-ed after it wrote them.
+ones are kept (train.resume=never first moves existing ones to checkpoints.replaced-<time>/). Directories are
+created 0700 and files 0600 (private: run directories often live on shared storage); DeepSpeed's own files are
+chmod-ed after it wrote them. Rank 0 hashes every file (the run directory is shared by all ranks, as the rename
+already requires): seconds for LoRA-sized states, longer when DeepSpeed's model_states hold frozen base-weight
+fragments of a large model.
 
 Loading never runs pickle code from this project's files: the JSON is parsed with `json` and the tensors with
 `safetensors` (no code paths at all). A checkpoint of the old format (`rank-<r>.pt`, a pickle) is refused, not
