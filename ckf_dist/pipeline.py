@@ -38,6 +38,7 @@ from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
 from ckf_dist.train.loop import finetune, seed_everything
+from ckf_dist.train.resume import preflight
 from ckf_dist.train.runlock import RunDirLock
 
 
@@ -65,6 +66,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
 
 def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path) -> dict[str, dict[str, Any]]:
+    # A resume that finetune would refuse (changed lr, tasks...) is refused here, before config.yaml is rewritten
+    # and data or CF tables are rebuilt for it (finetune still checks the checkpoint itself and the inputs).
+    on_rank0_then_all(rank, lambda: preflight(cfg))
     seed_everything(cfg.train.seed)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")

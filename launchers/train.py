@@ -12,13 +12,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ckf_dist.cli import parse_run_args
 from ckf_dist.data.skips import InputLossError
 from ckf_dist.pipeline import run_pipeline
+from ckf_dist.train.checkpoint import CheckpointError
+from ckf_dist.train.loop import NonfiniteError
+from ckf_dist.train.resume import ResumeRefused
 from ckf_dist.train.runlock import RunDirLocked
 
 if __name__ == "__main__":
     cfg = parse_run_args(prog="launchers/train.py", description=__doc__)
     try:
         run_pipeline(cfg)
-    except (InputLossError, RunDirLocked) as e:  # the message is the whole story (file:line examples / the holder)
+    except ResumeRefused as e:  # a configuration problem (the changed fields and the ways out): exit 2 like one
+        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2)
+    except (InputLossError, RunDirLocked, CheckpointError, NonfiniteError) as e:  # the message says it all
         print(f"error: {e}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)

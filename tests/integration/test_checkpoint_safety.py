@@ -78,8 +78,11 @@ def test_bit_flipped_newest_checkpoint_is_named_and_the_previous_one_resumed(bas
 
 def test_changed_lr_refuses_naming_it_and_config_yaml_keeps_the_truth(base, tmp_path):
     args, run = _copy(base, tmp_path)
-    out = _fails(run_job([*args, "train.max_steps=4", "train.lr=0.05"], nproc=1))
+    res = run_job([*args, "train.max_steps=4", "train.lr=0.05"], nproc=1)
+    out = _fails(res)
     assert "train.lr: 0.005 -> 0.05" in out and "train.resume=force" in out and "train.resume=never" in out
+    # Refused up front (pipeline preflight) like a config error: exit 2, the message, no traceback.
+    assert res.returncode == 2 and "error: " in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "lr: 0.005" in (run / "config.yaml").read_text()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
@@ -91,6 +94,7 @@ def test_changed_tasks_refuse_with_the_field_not_an_index_error(base, tmp_path):
                           "data.tasks=[ctr,topk]"], nproc=1))
     assert "data.tasks: ['ctr', 'topk', 'rating', 'exp'] -> ['ctr', 'topk']" in out
     assert "IndexError" not in out
+    assert not (tmp_path / "data2").exists()  # refused before the data were prepared for the new tasks
 
 
 def test_force_resumes_with_a_warning_and_the_new_lr(base, tmp_path):
