@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ckf_dist.cli import parse_run_args
-from ckf_dist.train.deepspeed_utils import loopback_interface, ray_train_torch_config
+from ckf_dist.netbind import loopback_interface, ray_train_torch_config
 
 
 def _worker(config: dict) -> None:

@@ -31,7 +31,9 @@ def run_ray_train(cfg: RunConfig, num_workers: int) -> dict[str, float | None]:
     import ray
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from ckf_dist.netbind import ray_train_torch_config
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -55,7 +57,10 @@ def run_ray_train(cfg: RunConfig, num_workers: int) -> dict[str, float | None]:
         _ray_worker,
         train_loop_config={"cfg": cfg_dict},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # On a local Ray the workers' group binds to 127.0.0.1 (Ray Train's default puts torch's store on every
+        # interface); on a cluster Ray Train's own set-up, which the other nodes can reach.
+        torch_config=ray_train_torch_config("nccl" if use_gpu else "gloo", cfg.train.collective_timeout_s,
+                                            single_node=not os.environ.get("RAY_ADDRESS")),
         run_config=RayRunConfig(name="cf", storage_path=str(Path(cfg.log.run_dir, "ray").resolve())),
     )
     try:

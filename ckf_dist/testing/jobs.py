@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckf_dist.train.deepspeed_utils import free_port
+from ckf_dist.netbind import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the source tree (launchers/ lives there)
 

@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ckf_dist.train.deepspeed_utils import free_port
+from ckf_dist.netbind import free_port
 
 
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:

@@ -241,7 +241,7 @@ def test_ray_train_on_a_local_ray_listens_on_loopback_only(tmp_path):
     from ray.train.torch import TorchTrainer
 
     from ckf_dist.data.preprocess import init_local_ray
-    from ckf_dist.train.deepspeed_utils import ray_train_torch_config
+    from ckf_dist.netbind import ray_train_torch_config
 
     seen: set[tuple[int, str, str, int]] = set()
     stop = threading.Event()
