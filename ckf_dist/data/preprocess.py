@@ -9,7 +9,6 @@ generators make the output independent of how Ray partitions the work: same inpu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -28,7 +27,16 @@ from ckf_dist.config import DataConfig
 from ckf_dist.data.prompts import display_title
 from ckf_dist.data.readers import RawData, read_raw
 from ckf_dist.data.samples import BUILDERS, BuildContext, negative_targets, task_rng, user_targets
-from ckf_dist.data.schema import ITEMS, MANIFEST, NEGATIVES, SCHEMA_VERSION, SPLITS, USERS, interactions_path
+from ckf_dist.data.schema import (
+    ITEMS,
+    MANIFEST,
+    NEGATIVES,
+    SCHEMA_VERSION,
+    SPLITS,
+    USERS,
+    file_sha256,
+    interactions_path,
+)
 from ckf_dist.data.shards import dumps_sample, write_task_shards
 from ckf_dist.data.skips import SkipReport, budget_error, summary_lines
 
@@ -360,12 +368,6 @@ def init_local_ray(num_cpus: int, object_store_mb: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_fingerprint(cfg: DataConfig) -> dict[str, Any]:
@@ -389,14 +391,14 @@ def _input_fingerprint(cfg: DataConfig) -> dict[str, str]:
     if cfg.source == "synthetic":
         return {}
     paths = [Path(p) for p in (cfg.path, cfg.metadata_path) if p]
-    out = {f"{sp}:{Path(p).name}": _sha256(Path(p)) for sp, p in (("valid", cfg.valid_path), ("test", cfg.test_path))
+    out = {f"{sp}:{Path(p).name}": file_sha256(Path(p)) for sp, p in (("valid", cfg.valid_path), ("test", cfg.test_path))
            if p and Path(p).is_file()}
     for p in paths:
         files = [p] if p.is_file() else sorted(x for x in p.glob("*") if x.is_file()) if p.is_dir() else []
         for f in files:
             if cfg.source in ("ml-100k", "ml-1m") and f.name not in ("u.data", "u.item", "ratings.dat", "movies.dat"):
                 continue
-            out[f.name] = _sha256(f)
+            out[f.name] = file_sha256(f)
     return out
 
 
@@ -496,7 +498,7 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None
 
 
 def _file_list(root: Path) -> dict[str, dict[str, Any]]:
-    return {str(f.relative_to(root)): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    return {str(f.relative_to(root)): {"sha256": file_sha256(f), "bytes": f.stat().st_size}
             for f in sorted(p for p in root.rglob("*") if p.is_file())}
 
 
@@ -631,7 +633,7 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
     files = {}
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = str(f.relative_to(root))
-        files[rel] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "source": cfg.source,

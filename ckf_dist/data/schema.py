@@ -40,6 +40,15 @@ def prompts_dir(prepared_dir: str | Path, split: str) -> Path:
     return Path(prepared_dir) / "prompts" / split
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 4 MB blocks (prepared shards, input files and checkpoint files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def manifest_sha256(prepared_dir: str | Path) -> str:
     """sha256 of manifest.json's bytes: identifies one prepared dataset (CF exports record it).
 

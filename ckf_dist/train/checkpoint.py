@@ -41,7 +41,6 @@ calls them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ckf_dist.data.schema import file_sha256
 
 FORMAT = 2
 MANIFEST = "MANIFEST.json"
@@ -198,21 +199,13 @@ def read_rank_state(folder: Path, rank: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(folder: Path, step: int, world: int) -> None:
     """sha256 and size of every file in `folder`; written last (tmp + rename), it marks the checkpoint complete."""
-    files = {str(p.relative_to(folder)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in _files(folder)}
+    files = {str(p.relative_to(folder)): {"sha256": file_sha256(p), "size": p.stat().st_size} for p in _files(folder)}
     doc = {"format": FORMAT, "step": step, "world_size": world, "files": files}
     tmp = folder / f".{MANIFEST}.tmp"
     _private_write(tmp, json.dumps(doc, indent=1).encode())
@@ -242,7 +235,7 @@ def verify_checkpoint(folder: Path) -> list[str]:
         elif p.stat().st_size != want["size"]:
             problems.append(f"{folder.name}/{rel} has {p.stat().st_size} bytes, the manifest says {want['size']} "
                             f"(truncated or overwritten)")
-        elif _sha256(p) != want["sha256"]:
+        elif file_sha256(p) != want["sha256"]:
             problems.append(f"{folder.name}/{rel}: sha256 differs from the manifest (damaged)")
     return problems
 
