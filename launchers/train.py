@@ -6,6 +6,7 @@
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -17,29 +18,30 @@ from ckf_dist.train.loop import NonfiniteError
 from ckf_dist.train.resume import ResumeRefused
 from ckf_dist.train.runlock import RunDirLocked
 
+
+def stop(code: int, message: str | None = None) -> NoReturn:
+    """Print `message` (else the current traceback) and exit at once. Interpreter teardown is skipped: with a dead
+    peer, process-group destructors can block forever."""
+    if message is None:
+        traceback.print_exc()
+    else:
+        print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     cfg = parse_run_args(prog="launchers/train.py", description=__doc__)
     try:
         run_pipeline(cfg)
     except ResumeRefused as e:  # a configuration problem (the changed fields and the ways out): exit 2 like one
-        print(f"error: {e}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(2)
+        stop(2, f"error: {e}")
     except (InputLossError, RunDirLocked, CheckpointError, NonfiniteError) as e:  # the message says it all
-        print(f"error: {e}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(1)
+        stop(1, f"error: {e}")
     except RuntimeError as e:
-        if not str(e).startswith("rank 0 failed: "):  # rank 0 prints the error; the others say why they stop
-            traceback.print_exc()
-        else:
-            print(f"[rank {os.environ.get('RANK', '?')}] stopping: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        if str(e).startswith("rank 0 failed: "):  # rank 0 prints the error; the others say why they stop
+            stop(1, f"[rank {os.environ.get('RANK', '?')}] stopping: {e}")
+        stop(1)
     except BaseException:  # noqa: BLE001
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip interpreter teardown: with a dead peer, process-group destructors can block forever.
-        os._exit(1)
+        stop(1)

@@ -120,14 +120,20 @@ def test_planted_pickle_in_deepspeed_state_never_runs(base, tmp_path):
     assert not marker.exists()
 
 
-def test_diverging_loss_is_skipped_counted_and_stops_without_a_checkpoint(base, tmp_path):
+def _fresh_run(base, tmp_path, *overrides: str) -> tuple[str, object]:
+    """A new run dir (no checkpoint) on the base run's data, CF tables and base model: only `overrides` differ."""
     root, ref = base
     run = tmp_path / "run"
-    # lr 1e30: step 1 leaves finite but huge LoRA weights, every later loss overflows to NaN.
     out = _fails(run_job([f"log.run_dir={run}", f"data.prepared_dir={root / 'data'}", *BASE,
                           f"cf.embeddings_path={ref / 'cf' / 'embeddings.safetensors'}",
-                          f"model.base_model={ref / 'base_model'}", "train.max_steps=6", "train.ckpt_every=3",
-                          "train.lr=1e30", "train.max_nonfinite_steps=2"], nproc=1))
+                          f"model.base_model={ref / 'base_model'}", *overrides], nproc=1))
+    return out, run
+
+
+def test_diverging_loss_is_skipped_counted_and_stops_without_a_checkpoint(base, tmp_path):
+    # lr 1e30: step 1 leaves finite but huge LoRA weights, every later loss overflows to NaN.
+    out, run = _fresh_run(base, tmp_path, "train.max_steps=6", "train.ckpt_every=3", "train.lr=1e30",
+                          "train.max_nonfinite_steps=2")
     assert "step 2 skipped (no parameter update)" in out
     assert "step 3: 2 steps in a row (from step 2) had a non-finite loss or gradient norm" in out
     skipped = [r for r in _rows(run) if r.get("train/step_skipped") == 1.0]
@@ -137,12 +143,7 @@ def test_diverging_loss_is_skipped_counted_and_stops_without_a_checkpoint(base, 
 
 
 def test_learning_rate_beyond_float32_stops_before_any_step(base, tmp_path):
-    root, ref = base
-    run = tmp_path / "run"
-    out = _fails(run_job([f"log.run_dir={run}", f"data.prepared_dir={root / 'data'}", *BASE,
-                          f"cf.embeddings_path={ref / 'cf' / 'embeddings.safetensors'}",
-                          f"model.base_model={ref / 'base_model'}", "train.max_steps=4", "train.ckpt_every=1",
-                          "train.lr=1e300"], nproc=1))
+    out, run = _fresh_run(base, tmp_path, "train.max_steps=4", "train.ckpt_every=1", "train.lr=1e300")
     # A finite lr (the config takes it) that float32 weights cannot take: named before the first step (it used to
     # fail inside AdamW with "value cannot be converted to type float without overflow"). Updates that overflow the
     # weights at a smaller lr stop at once after the step (test_checkpoint_guards.py).
