@@ -33,7 +33,7 @@ from ckf_dist.cf.export import CFEmbeddings, load_cf_embeddings
 from ckf_dist.config import RunConfig, save_config
 from ckf_dist.data.preprocess import prepare_data
 from ckf_dist.data.schema import manifest_sha256
-from ckf_dist.eval.run import evaluate_all, has_cf, placeholder_cf, report, run_eval
+from ckf_dist.eval.run import evaluate_all, has_cf, placeholder_cf, report, run_eval, trained_variant
 from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
@@ -92,7 +92,7 @@ def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path) -> dict[st
 
     limit = cfg.eval.max_samples_per_task or 64
     # Validate on the prompts the model is trained towards: text-only prompts for train.prompts='text'.
-    variant = "text" if cfg.train.prompts == "text" else "cf"
+    variant = trained_variant(cfg)
     tuned = finetune(cfg, base_dir, cf, rank, world,
                      validate=lambda model, tok: run_eval(cfg, model, tok, "valid", variant, rank, world, limit))
     if tuned.stopped:

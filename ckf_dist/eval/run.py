@@ -189,6 +189,11 @@ def cap_per_task(samples: list, limit: int, seed: int, by_user: bool = True,
     return sorted(out, key=lambda s: s["key"])
 
 
+def trained_variant(cfg: RunConfig) -> str:
+    """The prompt variant the model is trained towards: 'text' for train.prompts='text', else 'cf'."""
+    return "text" if cfg.train.prompts == "text" else "cf"
+
+
 def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) -> dict[str, dict[str, Any]]:
     """CKF (CF-slot prompts) and the configured baselines on the same test samples; NaN metrics become None.
 
@@ -199,7 +204,7 @@ def evaluate_all(cfg: RunConfig, model, tokenizer, cf, rank: int, world: int) ->
     from ckf_dist.eval.baselines import evaluate_cf_baseline
 
     limit = cfg.eval.max_samples_per_task
-    main_variant = "text" if cfg.train.prompts == "text" else "cf"
+    main_variant = trained_variant(cfg)
     name = "LLM (text-only)" if main_variant == "text" else "CKF"
     results = {name: run_eval(cfg, model, tokenizer, cfg.eval.split, main_variant, rank, world, limit)}
     if "text" in cfg.eval.baselines and main_variant == "cf":
