@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +69,10 @@ def evaluate_model(model: Any, tokenizer: Any, samples: list[PromptSample], cfg:
     _check_same_samples(samples, world)
 
     scorer = _Scorer(model, tokenizer, cfg, variant, world)
+    by_task = {task: [s for s in samples if s["task"] == task] for task in TASKS}
+    # Scoring a real LLM on a CPU takes minutes per task: show rank 0's model calls with an ETA.
+    bar = _progress(cfg, rank, total=sum(scorer.num_batches(t, ss) for t, ss in by_task.items() if ss),
+                    desc=f"eval {variant}")
     out: dict[str, float | None] = {}
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -75,16 +80,25 @@ def evaluate_model(model: Any, tokenizer: Any, samples: list[PromptSample], cfg:
     try:
         with torch.no_grad():
             for task in TASKS:  # fixed order: every rank runs the same calls in the same sequence
-                task_samples = [s for s in samples if s["task"] == task]
+                task_samples = by_task[task]
                 if not task_samples:
                     continue
-                local = scorer.score_task(task, task_samples, rank)
+                bar.set_postfix(task=task)
+                local = scorer.score_task(task, task_samples, rank, on_batch=lambda: bar.update(1))
                 preds = _gather_predictions(local, len(task_samples), world, task)
                 out.update(task_metrics(task, task_samples, preds, cfg.eval.ks))
     finally:
+        bar.close()
         if was_training and hasattr(model, "train"):
             model.train(True)
     return out
+
+
+def _progress(cfg: RunConfig, rank: int, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stdout, leave=False,
+                disable=rank != 0 or not cfg.log.progress)
 
 
 class _Scorer:
@@ -102,24 +116,31 @@ class _Scorer:
         self.gen_rows = Collator(tokenizer, padding_side="left", with_answer=False, **common)
         self.eos = tokenizer.eos_token_id
 
-    def score_task(self, task: str, samples: list[PromptSample], rank: int) -> dict[int, Any]:
-        bs = self.cfg.eval.batch_size
-        if task == "topk":
-            # One sample becomes C rows (one per candidate); keep a forward near eval.batch_size rows.
-            for s in samples:
-                check_topk_sample(s)  # fail before any model call, naming the bad sample
-            width = max(len(s["candidates"]) for s in samples)
-            bs = max(1, bs // width)
+    def batch_size(self, task: str, samples: list[PromptSample]) -> int:
+        """Samples per model call: eval.batch_size, or for top-K (C rows per sample) about eval.batch_size rows."""
+        if task != "topk":
+            return self.cfg.eval.batch_size
+        for s in samples:
+            check_topk_sample(s)  # fail before any model call, naming the bad sample
+        return max(1, self.cfg.eval.batch_size // max(len(s["candidates"]) for s in samples))
+
+    def num_batches(self, task: str, samples: list[PromptSample]) -> int:
+        """Model calls per rank for `task` (the same on every rank)."""
+        return math.ceil(math.ceil(len(samples) / self.world) / self.batch_size(task, samples))
+
+    def score_task(self, task: str, samples: list[PromptSample], rank: int,
+                   on_batch: Callable[[], Any] = lambda: None) -> dict[int, Any]:
+        bs = self.batch_size(task, samples)
         mine = list(range(rank, len(samples), self.world))
-        n_batches = math.ceil(math.ceil(len(samples) / self.world) / bs)
         out: dict[int, Any] = {}
-        for b in range(n_batches):
+        for b in range(self.num_batches(task, samples)):
             idx = mine[b * bs:(b + 1) * bs]
             # Dummy rows (copies of sample 0, results dropped) keep this rank's call count equal to the others'.
             chunk = [samples[i] for i in idx] or [samples[0]]
             preds = getattr(self, f"_{task}")(chunk)
             for i, p in zip(idx, preds):
                 out[i] = p
+            on_batch()
         return out
 
     # --- one method per task: a list of samples -> one prediction per sample -------------------------------
