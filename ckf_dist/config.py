@@ -658,14 +658,38 @@ def _nonfinite_problems(node: Any, key: str = "") -> list[str]:
     return []
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-"""A relative train.ds_config is looked up in the working directory, then here (as train/deepspeed_utils.py does)."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""The installed package; its configs/ and ds_configs/ (links to the top-level folders in a checkout, copies in a
+wheel) are where a relative config file or train.ds_config is looked up when the working directory lacks it."""
+
+
+def find_file(path: str | Path) -> Path | None:
+    """`path` as given if it is a file (relative: in the working directory), else a relative path's packaged copy
+    (PACKAGE_DIR / path), else None."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (PACKAGE_DIR / p).is_file():
+        return PACKAGE_DIR / p
+    return None
+
+
+def not_found(label: str, path: str | Path) -> str:
+    """'<label> not found' for a file `find_file` did not find, with both places it looked and what the packaged
+    folder holds (the names a typo most likely meant)."""
+    p = Path(path)
+    if p.is_absolute():
+        return f"{label} not found"
+    folder = (PACKAGE_DIR / p).parent
+    have = sorted(x.name for x in folder.glob(f"*{p.suffix}")) if folder.is_dir() else []
+    return (f"{label} not found (looked in {Path.cwd() / p} and {PACKAGE_DIR / p})"
+            + (f"; {folder} has {have}" if have else ""))
 
 
 def path_problems(cfg: RunConfig, known_models: Collection[str]) -> list[str]:
     """Paths a run needs that do not exist: model.base_model (unless one of `known_models`, the packaged names of
     ckf_dist/model/hub.py) must be a folder with a config.json, train.ds_config a file. Relative paths resolve
-    against the working directory (train.ds_config also against the repository root)."""
+    against the working directory (train.ds_config also against the installed package, `find_file`)."""
     out = []
     bm = cfg.model.base_model
     if bm is not None and bm not in known_models:
@@ -675,10 +699,8 @@ def path_problems(cfg: RunConfig, known_models: Collection[str]) -> list[str]:
                        f"folder (looked for {where})")
         elif not (where / "config.json").is_file():
             out.append(f"model.base_model={bm!r}: {where} has no config.json (not a Hugging Face checkpoint folder)")
-    ds = Path(cfg.train.ds_config)
-    if not ds.is_file() and not (not ds.is_absolute() and (REPO_ROOT / ds).is_file()):
-        out.append(f"train.ds_config={cfg.train.ds_config!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); "
-                   f"ds_configs/ has {sorted(p.name for p in (REPO_ROOT / 'ds_configs').glob('*.json'))}")
+    if find_file(cfg.train.ds_config) is None:
+        out.append(not_found(f"train.ds_config={cfg.train.ds_config!r}", cfg.train.ds_config))
     return out
 
 
@@ -707,22 +729,24 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Load a YAML experiment file, apply dotted overrides, validate everything at once.
 
     Args:
-        path: YAML file; None starts from the defaults.
+        path: YAML file (relative: in the working directory, else the installed package's copy, e.g.
+            configs/demo.yaml); None starts from the defaults.
         overrides: strings like 'train.lr=2e-4' or 'data.tasks=[ctr,rating]'.
         known_models: the packaged model names; given (as the launchers do, through cli.parse_run_args), the paths
             model.base_model and train.ds_config must exist too (`path_problems`), so a typo fails before data
             preparation. None (tests, tools that read a config written for another machine): not checked.
 
     Raises:
-        FileNotFoundError: the YAML file does not exist.
+        FileNotFoundError: the YAML file is in neither place (the message names both).
         ConfigError: every malformed override, unknown key, wrong type, non-finite number, bad or contradictory
             value (and with known_models every missing path), one per line.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        found = find_file(path)
+        if found is None:
+            raise FileNotFoundError(not_found(f"config file {str(path)!r}", path))
+        path = found
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
