@@ -13,6 +13,10 @@ Each stage takes and returns explicit artifacts and is skipped when its output i
 Before any stage, rank 0 locks the run dir (train/runlock.py, <log.run_dir>/.run.lock, held until the job ends):
 a second job on the same log.run_dir is refused on every rank, with the holder's pid, host and start time.
 
+SIGTERM / SIGUSR1 (a Slurm time limit, a pre-emption) stop the job at the next safe point: the next stage boundary
+before fine-tuning, or the end of the current step (with a checkpoint) during it. `run_pipeline` then raises
+RunStopped; the launchers exit with STOPPED_EXIT (75), which cluster/slurm/train.sbatch turns into a requeue.
+
 data.source='alpaca' (finished instruction prompts: no users, items or interactions) has no CF stage: the model is
 fine-tuned on the text prompts only (train.prompts='text', required by the config) around a placeholder CF table
 that no prompt reads (eval/run.py::placeholder_cf), and the report has one row, "LLM (text-only)".
@@ -37,9 +41,18 @@ from ckf_dist.eval.run import evaluate_all, has_cf, placeholder_cf, report, run_
 from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
+from ckf_dist.train.health import StopRequest
 from ckf_dist.train.loop import finetune, seed_everything
 from ckf_dist.train.resume import preflight
 from ckf_dist.train.runlock import RunDirLock
+
+STOPPED_EXIT = 75
+"""Exit status of a job stopped by SIGTERM / SIGUSR1 at a safe point (EX_TEMPFAIL, "try again"): rerunning the same
+command resumes it. Not 0, so schedulers and wrappers can tell it from a finished run."""
+
+
+class RunStopped(Exception):
+    """A stop signal ended the job at a safe point (a stage boundary, or a step with its checkpoint written)."""
 
 
 @dataclass(frozen=True)
@@ -53,19 +66,30 @@ class PreparedData:
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """Run every stage; returns the final metrics (identical on every rank; {} when a stop was requested)."""
+    """Run every stage; returns the final metrics (identical on every rank).
+
+    Raises:
+        RunStopped: a SIGTERM / SIGUSR1 stopped the job at a safe point; rerun to resume.
+    """
+    stop = StopRequest()  # from here on the stop signals are caught (they would kill the rank during a stage)
     rank, world = init_distributed(cfg)
     run_dir = Path(cfg.log.run_dir)
     # One job per run dir: rank 0 locks it before anything is written there; a refusal reaches every rank.
     lock = RunDirLock(run_dir)
     on_rank0_then_all(rank, lock.acquire)
     try:
-        return _run_stages(cfg, rank, world, run_dir)
+        return _run_stages(cfg, rank, world, run_dir, stop)
     finally:
         lock.release()
 
 
-def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path) -> dict[str, dict[str, Any]]:
+def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path,
+                stop: StopRequest) -> dict[str, dict[str, Any]]:
+    def stop_point(where: str) -> None:  # collective: every rank stops at the same boundary
+        if stop.requested():
+            say(f"[ckf] stop requested (SIGTERM/SIGUSR1) {where}: rerun to continue")
+            raise RunStopped(f"stopped by a signal {where}")
+
     # A resume that finetune would refuse (changed lr, tasks...) is refused here, before config.yaml is rewritten
     # and data or CF tables are rebuilt for it (finetune still checks the checkpoint itself and the inputs).
     on_rank0_then_all(rank, lambda: preflight(cfg))
@@ -79,6 +103,7 @@ def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path) -> dict[st
     say(f"[ckf] run dir {run_dir} | {world} rank(s) | tasks {cfg.data.tasks}")
 
     data = prepare_stage(cfg, rank)
+    stop_point("after the prepare stage")
     m = data.manifest
     say(f"[ckf] data: {m['num_users']} users, {m['num_items']} items, prompts {m['counts']}")
     if has_cf(cfg):
@@ -88,15 +113,17 @@ def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path) -> dict[st
         cf = placeholder_cf(cfg)
         say(f"[ckf] CF stage skipped: data.source={cfg.data.source!r} has no users, items or interactions; "
             f"fine-tuning the text-only LLM (train.prompts='text', no CF vectors reach it)")
+    stop_point("after the CF stage")
     base_dir = base_model_stage(cfg, data, rank)
+    stop_point("after the base-model stage")
 
     limit = cfg.eval.max_samples_per_task or 64
     # Validate on the prompts the model is trained towards: text-only prompts for train.prompts='text'.
     variant = trained_variant(cfg)
     tuned = finetune(cfg, base_dir, cf, rank, world,
                      validate=lambda model, tok: run_eval(cfg, model, tok, "valid", variant, rank, world, limit))
-    if tuned.stopped:
-        return {}
+    if tuned.stopped:  # the loop printed the step and wrote its checkpoint
+        raise RunStopped("stopped by a signal during fine-tuning, at a checkpoint")
     export_adapters(tuned, run_dir / "adapters", base_dir, rank)
     # CKF (or the text-only LLM) and the baselines on the same test samples.
     results = evaluate_all(cfg, tuned.model, tuned.tokenizer, cf, rank, world)

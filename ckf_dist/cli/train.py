@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 2 $(which ckf-dist) train --config configs/demo.yaml
 
 Every stage is skipped when its output is already there; rerunning resumes from the newest complete checkpoint.
-Exit status: 0 done, 2 a configuration problem or a refused resume, 1 any other failure.
+Exit status: 0 done, 2 a configuration problem or a refused resume, 75 stopped by SIGTERM / SIGUSR1 at a safe point
+(a checkpoint written: rerun the same command to resume; cluster/slurm/train.sbatch requeues the job), 1 any other
+failure.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def stop(code: int, message: str | None = None) -> NoReturn:
 def main(argv: Sequence[str] | None = None, prog: str = "ckf-dist train") -> None:
     cfg = config_from_args(run_parser(prog, __doc__).parse_intermixed_args(argv))
     from ckf_dist.data.skips import InputLossError
-    from ckf_dist.pipeline import run_pipeline
+    from ckf_dist.pipeline import STOPPED_EXIT, RunStopped, run_pipeline
     from ckf_dist.train.checkpoint import CheckpointError
     from ckf_dist.train.loop import NonfiniteError
     from ckf_dist.train.resume import ResumeRefused
@@ -42,6 +44,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "ckf-dist train") -> Non
 
     try:
         run_pipeline(cfg)
+    except RunStopped as e:  # the checkpoint (if training had started) is complete
+        stop(STOPPED_EXIT, f"[ckf] {e}; exit {STOPPED_EXIT}: rerun the same command to resume")
     except ResumeRefused as e:  # a configuration problem (the changed fields and the ways out): exit 2 like one
         stop(2, f"error: {e}")
     except (InputLossError, RunDirLocked, CheckpointError, NonfiniteError) as e:  # the message says it all

@@ -85,25 +85,41 @@ def is_collective_failure(err: BaseException) -> bool:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm pre-emption, `scancel --signal`, a Kubernetes eviction) asks for a clean stop:
+    """SIGTERM / SIGUSR1 (Slurm's time-limit signal, `scancel --signal`, a Kubernetes eviction) asks for a clean stop:
     the loop finishes the current step, writes a checkpoint and exits, and the next run resumes from it.
+
+    The signals are caught from the first StopRequest on, for the rest of the process, and every instance reads the
+    same flag: the pipeline makes one before its first stage, so a signal during data preparation, CF training or
+    model loading (minutes at 7B, where Python's default action would kill the rank with status 138 and lose the
+    requeue) stops the job at the next stage boundary instead.
 
     `requested()` is collective (a 1-element all-reduce), so every rank stops at the same step even when the
     signal reached only some of them.
     """
 
+    _flag = False
+    _installed = False
+
     def __init__(self) -> None:
         import signal
 
-        self.flag = False
+        if StopRequest._installed:
+            return
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(sig, self._handler)
+                signal.signal(sig, StopRequest._handler)
+                StopRequest._installed = True
             except ValueError:  # not the main thread (e.g. inside some Ray workers): no signal-driven stop
                 pass
 
-    def _handler(self, signum, frame) -> None:
-        self.flag = True
+    @staticmethod
+    def _handler(signum, frame) -> None:
+        StopRequest._flag = True
+
+    @property
+    def flag(self) -> bool:
+        """This rank received a stop signal (not collective)."""
+        return StopRequest._flag
 
     def requested(self) -> bool:
         import torch
