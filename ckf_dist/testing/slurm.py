@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,14 +45,14 @@ class LocalSlurm:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def run(self, *args: str, check: bool = True, cwd: Path | None = None) -> str:
-        res = subprocess.run(list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
         if check and res.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
         return res.stdout
 
     def sbatch(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
         res = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
         return int(res.stdout.strip().split(";")[0])
@@ -62,12 +62,14 @@ class LocalSlurm:
         out = self.run("scontrol", "show", "job", "-o", str(job_id))
         return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: int, timeout: float, states: set[str] = FINAL_STATES) -> dict[str, str]:
-        """Poll until the job is in one of `states`; returns its last `scontrol show job` record."""
+    def wait(self, job_id: int, timeout: float,
+             until: Callable[[dict[str, str]], bool] = lambda info: info.get("JobState") in FINAL_STATES,
+             ) -> dict[str, str]:
+        """Poll until `until(record)` (default: the job has ended); returns its last `scontrol show job` record."""
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
-            if info.get("JobState") in states:
+            if until(info):
                 return info
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s: "
@@ -151,8 +153,9 @@ def local_cluster(root: Path, nodes: tuple[str, ...] = ("n1", "n2"), timeout: fl
     slurm = LocalSlurm(root, env)
 
     def start(*cmd: str, log: str) -> None:
-        slurm.procs.append(subprocess.Popen(list(cmd), env=env, stdout=open(root / log, "ab"),
-                                            stderr=subprocess.STDOUT, start_new_session=True))
+        with open(root / log, "ab") as out:  # the daemon keeps its own copy of the descriptor
+            slurm.procs.append(subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                start_new_session=True))
 
     try:
         # munged refuses to run as root without --force; -F keeps it a child that stop() can signal.
