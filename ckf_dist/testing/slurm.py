@@ -76,6 +76,11 @@ class LocalSlurm:
                                    f"{self.logs_tail()}")
             time.sleep(2)
 
+    def nodes_idle(self) -> bool:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
+        states = dict(line.split() for line in out.splitlines() if line.strip())
+        return bool(states) and all(s == "idle" for s in states.values())
+
     def logs_tail(self, n: int = 15) -> str:
         parts = []
         for log in sorted(self.root.glob("*.log")):
@@ -167,12 +172,7 @@ def local_cluster(root: Path, nodes: tuple[str, ...] = ("n1", "n2"), timeout: fl
         for n in nodes:
             start("slurmd", "-D", "-N", n, "-f", str(conf), log=f"slurmd-{n}.out.log")
 
-        def all_idle() -> bool:
-            out = slurm.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
-            states = dict(line.split() for line in out.splitlines() if line.strip())
-            return all(states.get(n) == "idle" for n in nodes)
-
-        _until(all_idle, timeout, "every node idle", slurm)
+        _until(slurm.nodes_idle, timeout, "every node idle", slurm)
         yield slurm
     finally:
         slurm.stop()

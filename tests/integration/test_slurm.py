@@ -8,6 +8,7 @@ or service is touched.
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,11 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_same_loss(slurm, two
                       or i.get("JobState") in FINAL_STATES)
     log = out.read_text(errors="replace")
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", log[-4000:]
+    # Released early, but only once the nodes have finished the first start and a second has passed: slurmd
+    # refuses a launch whose credential is from the same second as the requeue's revocation ("Job credential
+    # revoked"), which is what Slurm's own hold guards against.
+    wait_for(slurm.nodes_idle, 120, "the nodes to be idle after the requeue")
+    time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=30", "StartTime=now")
     info = slurm.wait(job, timeout=600)
     log = out.read_text(errors="replace")

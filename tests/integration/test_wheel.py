@@ -5,6 +5,7 @@ The fresh venv gets only the wheel; the dependencies (torch, deepspeed, ...) com
 site-packages through a .pth line appended after the venv's own, which adds the folder without running its .pth
 files, so the source tree's editable install is not visible."""
 
+import os
 import shutil
 import site
 import subprocess
@@ -26,17 +27,24 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
     return res
 
 
+def _build_env() -> dict[str, str]:
+    """This environment without PYTHONPATH and PIP_*: a PYTHONPATH holding the source tree (data/preprocess.py puts
+    it there for Ray workers, in the test process too) makes the venv's pip see ckf-dist as installed already and
+    skip the wheel."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PIP_")}
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy: building in the tree would leave build/ there
     shutil.copytree(ROOT, src, symlinks=True, ignore=SKIP)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w",
-          str(tmp / "dist")], cwd=tmp)
+          str(tmp / "dist")], cwd=tmp, env=_build_env())
     wheel = next((tmp / "dist").glob("ckf_dist-*.whl"))
     venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp)
-    _run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], cwd=tmp)
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp, env=_build_env())
+    _run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], cwd=tmp, env=_build_env())
     venv_site = next(venv.glob("lib/python*/site-packages"))
     (venv_site / "zz_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     outside = tmp / "outside"
