@@ -21,9 +21,12 @@ from ckf_dist.netbind import loopback_interface, ray_train_torch_config
 def _worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpu"] else "cpu")
     from ckf_dist.config import config_from_dict
-    from ckf_dist.pipeline import run_pipeline
+    from ckf_dist.pipeline import RunStopped, run_pipeline
 
-    run_pipeline(config_from_dict(config["cfg"]))
+    try:
+        run_pipeline(config_from_dict(config["cfg"]))
+    except RunStopped as e:  # a checkpoint is written; the worker ends cleanly and a rerun resumes
+        print(f"[ckf] {e}; rerun the same command to resume", flush=True)
 
 
 def main() -> None:
