@@ -74,10 +74,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "ckf-dist prepare") -> N
 
 def plan(cfg: DataConfig, force: bool, engine: str | None) -> tuple[list[str], list[str]]:
     """(problems, report) of preparing `cfg` now, reading only: the config's data checks, the input files and
-    their hashes, and whether the manifest at data.prepared_dir would be reused (prepare_data's own test, term by
-    term, so that the report can say which one fails)."""
+    their hashes, and whether the manifest at data.prepared_dir would be reused (data/preprocess.py::stale_reasons,
+    the test prepare_data itself makes)."""
     from ckf_dist.data import preprocess as pp
-    from ckf_dist.data.schema import MANIFEST, SCHEMA_VERSION
+    from ckf_dist.data.schema import MANIFEST
 
     problems = list(cfg.problems("data"))
     engine = engine or os.environ.get("CKF_DATA_ENGINE", "ray")
@@ -107,18 +107,7 @@ def plan(cfg: DataConfig, force: bool, engine: str | None) -> tuple[list[str], l
             old = json.loads(mpath.read_text())
         except json.JSONDecodeError:
             old = {}
-        fingerprint = pp.config_fingerprint(cfg)
-        changed = sorted(k for k in fingerprint.keys() | old.get("config", {}).keys()
-                         if fingerprint.get(k) != old.get("config", {}).get(k))
-        why = [r for r, bad in (
-            (f"schema version {old.get('schema_version')} != {SCHEMA_VERSION}",
-             old.get("schema_version") != SCHEMA_VERSION),
-            (f"config fields changed: {', '.join(f'data.{k}' for k in changed)}", bool(changed)),
-            ("input files changed", old.get("inputs") != inputs),
-            ("files missing or truncated", not pp._complete(out, old)),
-        ) if bad]
-        if not why and not pp._still_acceptable(cfg, old):
-            why.append("its skips exceed this config's input-loss budget (or a damaged file is not allowed)")
+        why = pp.stale_reasons(cfg, out, old, pp.config_fingerprint(cfg), inputs)
         verdict = f"would rebuild ({'; '.join(why)})" if why else "up to date: would be reused, not rebuilt"
     lines.append(f"prepared data: {verdict}")
     return problems, lines

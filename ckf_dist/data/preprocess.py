@@ -440,6 +440,23 @@ def _complete(prepared_dir: Path, manifest: dict[str, Any]) -> bool:
                for rel, meta in manifest.get("files", {}).items())
 
 
+def stale_reasons(cfg: DataConfig, out_dir: Path, old: dict[str, Any], fingerprint: dict[str, Any],
+                  inputs: dict[str, str]) -> list[str]:
+    """Why the prepared dataset at `out_dir` with manifest `old` cannot be reused for `cfg` (empty: reuse it).
+    The input-loss budget is judged only on an otherwise current manifest."""
+    config = old.get("config", {})
+    changed = sorted(k for k in fingerprint.keys() | config.keys() if fingerprint.get(k) != config.get(k))
+    why = [reason for reason, bad in (
+        (f"schema version {old.get('schema_version')} != {SCHEMA_VERSION}", old.get("schema_version") != SCHEMA_VERSION),
+        (f"config fields changed: {', '.join(f'data.{k}' for k in changed)}", old.get("config") != fingerprint),
+        ("input files changed", old.get("inputs") != inputs),
+        ("files missing or truncated", not _complete(out_dir, old)),
+    ) if bad]
+    if not why and not _still_acceptable(cfg, old):
+        why.append("its skips exceed this config's input-loss budget (or a damaged file is not allowed)")
+    return why
+
+
 def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None) -> dict[str, Any]:
     """Read, preprocess and write one prepared dataset under cfg.prepared_dir; returns its manifest.
 
@@ -471,8 +488,7 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None
             old = json.loads(mpath.read_text())
         except json.JSONDecodeError:
             old = {}
-        if (old.get("schema_version") == SCHEMA_VERSION and old.get("config") == fingerprint
-                and old.get("inputs") == inputs and _complete(out_dir, old) and _still_acceptable(cfg, old)):
+        if not stale_reasons(cfg, out_dir, old, fingerprint, inputs):
             print_skip_summary(old, str(out_dir), reused=True)
             return old
 
