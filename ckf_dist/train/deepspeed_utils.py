@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ckf_dist.config import RunConfig
+from ckf_dist.config import RunConfig, find_file, not_found
 from ckf_dist.netbind import LOOPBACK, bind_single_node, free_port, is_loopback
 
 
@@ -76,13 +76,11 @@ def release_shm_buffer() -> bool:
 
 
 def load_zero_json(path: str | Path) -> dict[str, Any]:
-    """Read a ds_configs/*.json file, resolving a relative path against the repository root too."""
-    p = Path(path)
-    if not p.is_file():
-        alt = Path(__file__).resolve().parents[2] / path
-        if not alt.is_file():
-            raise FileNotFoundError(f"train.ds_config: {path} not found (looked in the working directory and {alt.parent})")
-        p = alt
+    """Read a ds_configs/*.json file; a relative path is looked up in the working directory, then in the installed
+    package (config.find_file, as the config check does)."""
+    p = find_file(path)
+    if p is None:
+        raise FileNotFoundError(not_found("train.ds_config", path))
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
