@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckf_dist.netbind import free_port
+from ckf_dist.testing.jobs import wait_for
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -44,18 +45,16 @@ class LocalSlurm:
     env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def run(self, *args: str, check: bool = True, cwd: Path | None = None) -> str:
-        res = subprocess.run(list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    def run(self, *args: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+        """A client command against this cluster (SLURM_CONF set; `env` adds to the environment); its stdout."""
+        res = subprocess.run(list(args), env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                             timeout=60, check=False)
         if check and res.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
         return res.stdout
 
     def sbatch(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
-        res = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
-                             capture_output=True, text=True, timeout=60, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"sbatch {' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
-        return int(res.stdout.strip().split(";")[0])
+        return int(self.run("sbatch", "--parsable", *args, cwd=cwd, env=env).strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, StdOut, ...)."""
@@ -179,8 +178,7 @@ def local_cluster(root: Path, nodes: tuple[str, ...] = ("n1", "n2"), timeout: fl
 
 
 def _until(ok, timeout: float, what: str, slurm: LocalSlurm) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"local Slurm cluster: no {what} after {timeout:.0f} s\n{slurm.logs_tail()}")
-        time.sleep(0.5)
+    try:
+        wait_for(ok, timeout, what)
+    except TimeoutError as e:  # the daemons' logs say why
+        raise RuntimeError(f"local Slurm cluster: {e}\n{slurm.logs_tail()}") from None
