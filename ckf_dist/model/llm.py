@@ -112,7 +112,44 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_llm(path: str | Path, dtype: str = "float32", tokenizer=None):
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def flash_attention_problem(dtype: str) -> str | None:
+    """Why flash_attention_2 cannot run here (None when it can): it needs CUDA, the flash-attn package and a 16-bit
+    dtype."""
+    import importlib.util
+
+    why = []
+    if not torch.cuda.is_available():
+        why.append("CUDA is not available")
+    if importlib.util.find_spec("flash_attn") is None:
+        why.append("the flash-attn package is not installed (pip install flash-attn)")
+    if dtype not in ("bfloat16", "float16"):
+        why.append(f"model.dtype is {dtype!r}; flash-attention runs in bfloat16 or float16 only")
+    return "; ".join(why) or None
+
+
+def resolve_attn_implementation(requested: str, dtype: str) -> str:
+    """The attention kernel transformers is asked for (model.attn_implementation).
+
+    'auto' -> 'flash_attention_2' when it can run (CUDA, flash-attn installed, bf16/fp16), else 'sdpa'.
+
+    Raises:
+        ValueError: an unknown name, or 'flash_attention_2' where it cannot run (says why).
+    """
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {requested!r}")
+    problem = flash_attention_problem(dtype)
+    if requested == "auto":
+        return "sdpa" if problem else "flash_attention_2"
+    if requested == "flash_attention_2" and problem:
+        raise ValueError(f"model.attn_implementation=flash_attention_2 cannot run here: {problem}. Use "
+                         f"model.attn_implementation=auto or sdpa")
+    return requested
+
+
+def load_llm(path: str | Path, dtype: str = "float32", tokenizer=None, attn_implementation: str = "auto"):
     """Load a causal LM through AutoModelForCausalLM.from_pretrained -- the path a 7B checkpoint takes.
 
     When ZeRO-3 sharded loading is wanted the caller creates `HfDeepSpeedConfig` first (train/build.py);
@@ -122,10 +159,16 @@ def load_llm(path: str | Path, dtype: str = "float32", tokenizer=None):
         path: the model folder.
         dtype: "float32", "bfloat16" or "float16".
         tokenizer: if given and larger than the embedding table (slot tokens added), embeddings are resized.
+        attn_implementation: model.attn_implementation ('auto', 'sdpa', 'flash_attention_2', 'eager'); the resolved
+            name is what `model.config._attn_implementation` reports afterwards.
+
+    Raises:
+        ValueError: attn_implementation names a kernel that cannot run here (resolve_attn_implementation).
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=_DTYPES[dtype])
+    attn = resolve_attn_implementation(attn_implementation, dtype)
+    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=_DTYPES[dtype], attn_implementation=attn)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.requires_grad_(False)

@@ -43,7 +43,7 @@ def build_model(cfg: RunConfig, base_dir: Path, user_emb, item_emb, ds_config: d
 
         keepalive = HfDeepSpeedConfig(ds_config)
     tokenizer = load_tokenizer(base_dir)
-    llm = load_llm(base_dir, cfg.model.dtype, tokenizer)
+    llm = load_llm(base_dir, cfg.model.dtype, tokenizer, attn_implementation=cfg.model.attn_implementation)
     # Every task gets its adapter whatever data.tasks holds: tensor task ids are global (TASK_ID).
     model = build_ckf_model(llm, tokenizer, user_emb, item_emb, cfg.model, cfg.multi_lora, tasks=TASKS,
                             token_norm=measure_token_norm(llm) if cfg.model.fusion_init == "match_tokens" else None)
