@@ -22,13 +22,18 @@ def deepspeed_fused_adam_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "CUDA is not available"
     try:
-        from deepspeed.git_version_info import installed_ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import accelerator_name, installed_ops
         from deepspeed.ops.op_builder import FusedAdamBuilder
     except Exception as err:  # noqa: BLE001 - any import failure means "not usable", with the reason kept
         return False, f"deepspeed's op builder does not import ({type(err).__name__}: {err})"
+    # The same test OpBuilder.load makes before it falls back to jit_load.
     if not installed_ops.get("fused_adam", False):
         return False, ("deepspeed was installed without prebuilt ops (DS_BUILD_OPS=0 or a pure-Python wheel); "
                        "loading FusedAdam would JIT-compile it")
+    if accelerator_name != get_accelerator()._name:
+        return False, (f"deepspeed's ops were built for accelerator {accelerator_name!r}, this is "
+                       f"{get_accelerator()._name!r}; loading FusedAdam would JIT-compile it")
     builder = FusedAdamBuilder()
     if not builder.is_compatible(verbose=False):
         return False, "deepspeed's FusedAdamBuilder is not compatible with this system"
