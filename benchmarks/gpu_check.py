@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -539,12 +540,23 @@ def part_sampler(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     prep_s = round(now() - t0, 1)
     tasks = list(cfg.data.tasks)
 
+    # The CF tables and the tiny base model depend on the seed only, not on the sampler: build them once per seed and
+    # let the three arms of that seed load them (cf.embeddings_path, model.base_model) instead of each rebuilding
+    # the same thing (the resume tests share them the same way).
+    t0 = now()
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        shared = dict(zip(seeds, pool.map(lambda s: build_seed_inputs(extra, data_dir, work / f"shared-seed{s}", s),
+                                          seeds)))
+    shared_s = round(now() - t0, 1)
+
     arms = {"uniform": ("uniform", steps), "grad_balanced": ("grad_balanced", steps), "uniform_half": ("uniform", half)}
     jobs = []
     for seed in seeds:
         for arm, (sampler, n) in arms.items():
             run_dir = work / f"{arm}-seed{seed}"
-            ov = ["--config", str(DEMO), *extra, f"log.run_dir={run_dir}", f"data.prepared_dir={data_dir}", f"train.sampler={sampler}",
+            ov = ["--config", str(DEMO), *extra, f"log.run_dir={run_dir}", f"data.prepared_dir={data_dir}",
+                  f"cf.embeddings_path={shared[seed] / 'cf' / 'embeddings.safetensors'}",
+                  f"model.base_model={shared[seed] / 'base_model'}", f"train.sampler={sampler}",
                   f"train.seed={seed}", f"train.max_steps={n}", f"train.ckpt_every={n}"]
             jobs.append({"arm": arm, "seed": seed, "steps": n, "run_dir": run_dir,
                          "cmd": [sys.executable, str(ROOT / "launchers" / "train.py"), *ov]})
@@ -614,7 +626,7 @@ def part_sampler(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
                                                                                               else ""),
                            "overrides": extra, "seeds": seeds, "steps": steps, "half_steps": half,
                            "arms": {a: {"sampler": s, "steps": n} for a, (s, n) in arms.items()},
-                           "concurrent_runs": limit, "prepare_s": prep_s, "tasks": per_task, "runs": runs,
+                           "concurrent_runs": limit, "prepare_s": prep_s, "shared_inputs_s": shared_s, "tasks": per_task, "runs": runs,
                            "runs_ok": sum(r["status"] == "ok" for r in runs), "runs_total": len(runs),
                            "worst_task": worst}
     if worst:
@@ -634,6 +646,19 @@ def part_sampler(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
         out.update(worst_task_data_limited=None, worst_task_share=None, worst_task_got_bigger_share=None,
                    worst_task_improves=None, worst_task_improves_beyond_noise=None, no_task_drops_beyond_noise=None)
     out["wall_s"] = round(now() - t_start, 1)
+    return out
+
+
+def build_seed_inputs(overrides: list[str], data_dir: Path, out: Path, seed: int) -> Path:
+    """The CF tables and the tiny base model one seed's runs share, built as the pipeline's stages build them."""
+    from ckf_dist.cf.train_cf import train_cf
+    from ckf_dist.config import load_config
+    from ckf_dist.data.prompts import corpus_texts
+    from ckf_dist.model.llm import build_tiny_llm
+
+    cfg = load_config(DEMO, [*overrides, f"data.prepared_dir={data_dir}", f"log.run_dir={out}", f"train.seed={seed}"])
+    train_cf(cfg)
+    build_tiny_llm(cfg.model.tiny, corpus_texts(data_dir), out / "base_model", seed=seed)
     return out
 
 
