@@ -71,7 +71,13 @@ def bind_single_node(backend: str, timeout: datetime.timedelta) -> None:
         store = dist.TCPStore(LOOPBACK, port, world, True, timeout=timeout, master_listen_fd=sock.detach())
     else:
         store = dist.TCPStore(LOOPBACK, port, world, False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    # NCCL: bind the group to this rank's current CUDA device (set by the caller), so barriers never guess one.
+    device_id = None
+    if backend == "nccl":
+        import torch
+
+        device_id = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, device_id=device_id)
 
 
 def ray_train_torch_config(backend: str, timeout_s: int, single_node: bool) -> Any:

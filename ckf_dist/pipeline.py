@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
+from ckf_dist import comm
 from ckf_dist.cf.export import CFEmbeddings, load_cf_embeddings
 from ckf_dist.config import RunConfig, save_config
 from ckf_dist.data.preprocess import prepare_data
@@ -129,7 +128,7 @@ def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path,
     results = evaluate_all(cfg, tuned.model, tuned.tokenizer, cf, rank, world)
     if rank == 0:
         report(run_dir, results, step=cfg.train.max_steps)
-    dist.barrier()
+    comm.barrier()
     return results
 
 
@@ -154,12 +153,12 @@ def cf_stage(cfg: RunConfig, data: PreparedData) -> CFEmbeddings:
             load_cf_embeddings(path, expected_manifest_sha=data.sha256)
         except ValueError:
             fresh[0] = False
-    dist.broadcast_object_list(fresh, src=0)
+    fresh = comm.broadcast_object(fresh, src=0)
     if not fresh[0]:
         if cfg.cf.embeddings_path is not None:
             raise FileNotFoundError(f"cf.embeddings_path={path} does not exist; unset it to train the CF model here")
         train_cf(cfg)
-        dist.barrier()
+        comm.barrier()
     # A user-provided table from other data is refused here with both checksums named.
     return load_cf_embeddings(path, expected_manifest_sha=data.sha256)
 
@@ -185,7 +184,7 @@ def base_model_stage(cfg: RunConfig, data: PreparedData, rank: int) -> Path:
         tmp = out.with_name(".tmp-base_model")
         build_tiny_llm(cfg.model.tiny, corpus_texts(data.dir), tmp, seed=cfg.train.seed)
         tmp.rename(out)  # atomic: a crash mid-build never leaves a folder that looks complete
-    dist.barrier()
+    comm.barrier()
     return out
 
 
@@ -199,7 +198,7 @@ def on_rank0_then_all(rank: int, work: Callable[[], object]) -> None:
             work()
         except Exception as e:  # noqa: BLE001 - broadcast, then re-raise below
             failure, err[0] = e, f"{type(e).__name__}: {e}"
-    dist.broadcast_object_list(err, src=0)
+    err = comm.broadcast_object(err, src=0)
     if failure is not None:
         raise failure
     if err[0] is not None:

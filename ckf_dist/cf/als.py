@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from ckf_dist import comm
 from ckf_dist.cf.data import Interactions
 from ckf_dist.cf.mf import BiasedMF
 from ckf_dist.cf.solver import NonFiniteLossError, dist_info
@@ -31,7 +31,7 @@ def _als_half(sel: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, resid: 
     n = torch.bincount(rows, minlength=sel.shape[0]).to(other.dtype)
     if world > 1:
         flat = torch.cat([A.reshape(-1), b.reshape(-1), n])
-        dist.all_reduce(flat)
+        flat = comm.all_reduce(flat)
         A, b, n = flat[:A.numel()].view_as(A), flat[A.numel():A.numel() + b.numel()].view_as(b), flat[-len(n):]
     A = A.view(-1, k, k) + (lam * n.clamp(min=1))[:, None, None] * torch.eye(k, dtype=other.dtype, device=other.device)
     if lam > 0:
@@ -86,7 +86,7 @@ class ALSSolver:
         err = mu + bu[uid] + bi[iid] + (P[uid] * Q[iid]).sum(-1) - r
         loss = torch.stack([(err * err).sum(), torch.tensor(float(len(err)), device=self.device)])
         if world > 1:
-            dist.all_reduce(loss)
+            loss = comm.all_reduce(loss)
         train_mse = float(loss[0] / loss[1])
         if not math.isfinite(train_mse):
             raise NonFiniteLossError(f"cf.mf (als): the training loss became {train_mse} at epoch {epoch} "

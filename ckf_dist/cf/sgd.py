@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim.adam import adam
 
+from ckf_dist import comm
 from ckf_dist.cf.data import Interactions
 from ckf_dist.cf.solver import NonFiniteLossError, dist_info
 from ckf_dist.config import CFConfig
@@ -51,7 +51,7 @@ def _allreduce_grads(params: list[nn.Parameter], loss: torch.Tensor, world: int)
     if world == 1:
         return float(loss.detach())
     flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
-    dist.all_reduce(flat)
+    flat = comm.all_reduce(flat)
     off = 0
     for p in params:
         n = p.grad.numel()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ckf_dist import comm
 from ckf_dist.cf.als import ALSSolver
 from ckf_dist.cf.data import Interactions, check_ids, read_id_space, read_split
 from ckf_dist.cf.evaluate import ranking_metrics, rating_metrics, user_groups
@@ -49,10 +50,11 @@ class FitResult:
 
 
 def default_device() -> torch.device:
-    """cuda:LOCAL_RANK under an NCCL group (or a single process with CUDA), else cpu (gloo all-reduces CPU tensors)."""
+    """The collective device under a process group (cuda under NCCL, cpu under gloo: ckf_dist/comm.py), so the
+    gradient all-reduces need no copies; without one, cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    if dist.is_available() and dist.is_initialized():
+        return comm.device()
     if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() != "nccl":
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -119,7 +121,7 @@ def fit(cfg: CFConfig, train: Interactions, valid: Interactions | None, num_user
     model = build_model(cfg, train, num_users, num_items).to(device)
     if world > 1:  # same seed gives the same init; broadcasting makes it a guarantee (e.g. different BLAS paths)
         for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+            comm.broadcast_(p.data, src=0)
     solver: Solver = (ALSSolver(cfg, model, train, device) if cfg.model == "mf" and cfg.solver == "als"
                       else SGDSolver(cfg, model, train, num_items, device))
     lower_is_better = cfg.model == "mf"
@@ -245,6 +247,6 @@ def train_cf(cfg: RunConfig) -> dict[str, float | None]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if world > 1:
-        dist.barrier()  # the file exists for every rank once train_cf returns
+        comm.barrier()  # the file exists for every rank once train_cf returns
     return metrics
 

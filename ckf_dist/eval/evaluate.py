@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ckf_dist import comm
 from ckf_dist.config import RunConfig
 from ckf_dist.data.batch import Batch
 from ckf_dist.data.collate import Collator, chat_frame
@@ -277,8 +278,7 @@ def _check_same_samples(samples: list[PromptSample], world: int) -> None:
     import hashlib
 
     digest = hashlib.sha256("\n".join(s["key"] for s in samples).encode()).hexdigest()
-    seen: list[Any] = [None] * world
-    torch.distributed.all_gather_object(seen, (len(samples), digest))
+    seen = comm.all_gather_object((len(samples), digest))
     if len(set(seen)) != 1:
         raise RuntimeError(f"ranks hold different sample lists (count, sha256 of keys) per rank: {seen}; "
                            f"load the same split with the same caps on every rank")
@@ -289,8 +289,7 @@ def _gather_predictions(local: dict[int, Any], n: int, world: int, task: str) ->
     and return per-field lists in sample order."""
     parts = [local]
     if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, local)
+        parts = comm.all_gather_object(local)
     merged: dict[int, Any] = {}
     repeated = []
     for part in parts:

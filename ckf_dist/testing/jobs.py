@@ -39,8 +39,10 @@ def env(threads: int = 1) -> dict[str, str]:
     """The environment of a launched job. `threads` per rank: tests keep 1 (two ranks on two cores, no
     oversubscription); a 1-rank benchmark run on a 2-core machine wants os.cpu_count() (one thread would leave half
     the machine idle: a SmolLM2 step took 26 s instead of about 17 s)."""
+    # CKF_CHECK_COLLECTIVES: a collective of ckf_dist's own that bypasses ckf_dist/comm.py (and would hand NCCL a CPU
+    # tensor on a GPU node) fails the job.
     e = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
-             PYTHONPATH=str(ROOT))
+             PYTHONPATH=str(ROOT), CKF_CHECK_COLLECTIVES="1")
     return e
 
 

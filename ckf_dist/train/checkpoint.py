@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ckf_dist import comm
 from ckf_dist.data.schema import file_sha256
 
 FORMAT = 2
@@ -316,10 +317,10 @@ def save_checkpoint(engine, step: int, run_dir: str | Path, rank_state: dict[str
         root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         os.chmod(root, DIR_MODE)
         tmp.mkdir(mode=DIR_MODE)
-    dist.barrier()
+    comm.barrier()
     engine.save_checkpoint(str(tmp), tag="state", save_latest=False)
     write_rank_state(tmp, rank, {**rank_state, "rng": rng_state(), "step": step})
-    dist.barrier()
+    comm.barrier()
     if rank == 0:
         info = {"format": FORMAT, "step": step, "world_size": world, **(run_info or {})}
         _private_write(tmp / RUN_FILE, json.dumps(info, indent=1, default=str).encode())
@@ -330,7 +331,7 @@ def save_checkpoint(engine, step: int, run_dir: str | Path, rank_state: dict[str
         tmp.rename(final)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return final
 
 

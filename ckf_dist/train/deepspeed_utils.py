@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ckf_dist import comm
 from ckf_dist.config import RunConfig, find_file, not_found
 from ckf_dist.netbind import LOOPBACK, bind_single_node, free_port, is_loopback
 
@@ -33,6 +34,9 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # A group someone else created (Ray Train, a test harness): DeepSpeed's comm layer must still adopt it, or
+        # its batch-size checks and ZeRO-3 partitioning see a world of 1.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
@@ -42,13 +46,15 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+    if torch.cuda.is_available():
+        # Before the group exists: NCCL's communicators, torch's barrier and object collectives (ckf_dist/comm.py)
+        # use the current device, and every rank left on cuda:0 fails or hangs at the first collective.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if is_loopback(os.environ.get("MASTER_ADDR", "")):
         bind_single_node(backend, timeout)
     # With the group already created above, DeepSpeed adopts it (and still sets up its CPU shm all-reduce).
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
+    if not torch.cuda.is_available():
         release_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
 
@@ -67,7 +73,7 @@ def release_shm_buffer() -> bool:
 
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    dist.barrier()  # a rank still inside its shm set-up would spin forever on a file that is gone
+    comm.barrier()  # a rank still inside its shm set-up would spin forever on a file that is gone
     try:
         os.unlink(Path("/dev/shm") / name)
     except FileNotFoundError:  # no shm comm (several nodes, or DeepSpeed built without it)

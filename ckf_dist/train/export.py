@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
+from ckf_dist import comm
 from ckf_dist.model.export import export_task_adapters
 from ckf_dist.train.loop import Finetuned
 
@@ -27,6 +26,6 @@ def export_adapters(tuned: Finetuned, out_dir: Path, base_dir: Path, rank: int) 
             except ValueError as e:
                 err[0] = str(e)
     # Rank 0's refusal is every rank's: the others would otherwise go on to evaluate the same broken weights.
-    dist.broadcast_object_list(err, src=0)
+    err = comm.broadcast_object(err, src=0)
     if err[0] is not None:
         raise ValueError(err[0])

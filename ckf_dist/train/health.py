@@ -9,6 +9,8 @@ import time
 
 import torch.distributed as dist
 
+from ckf_dist import comm
+
 
 class Heartbeat:
     """Per-rank progress in the default TCPStore (hosted by rank 0's process under env:// rendezvous).
@@ -125,5 +127,5 @@ class StopRequest:
         import torch
 
         t = torch.tensor([1.0 if self.flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = comm.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)

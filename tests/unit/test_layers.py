@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # Shared foundation modules (config, task names, pure metric functions) sit below every stage.
-LAYERS = {"config": 0, "tasks": 0, "metrics": 0, "netbind": 0, "data": 1, "cf": 2, "model": 3, "train": 4, "eval": 5,
+LAYERS = {"config": 0, "tasks": 0, "metrics": 0, "netbind": 0, "comm": 0, "data": 1, "cf": 2, "model": 3, "train": 4, "eval": 5,
           "pipeline": 6, "cli": 7, "testing": 7}
 
 
