@@ -142,12 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
             ckf(batch).loss.backward()
             ckf_opt.step()
 
-        tracker = TaskGradTracker(ckf)  # the hooks stay attached; `enabled` decides whether they record
+        # The taps stay attached; `enabled` decides whether they record. k as the training default.
+        tracker = TaskGradTracker(ckf, dim=1024)
         tracker.enabled = False
 
         def step_ckf_tracked() -> None:
             tracker.enabled = True
             tracker.reset()
+            tracker.watch(batch)
             step_ckf()
             tracker.enabled = False
 

@@ -297,6 +297,9 @@ class ModelConfig:
     """Parameter dtype of the LLM (bfloat16 on GPU)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing in the LLM (saves memory at ~30% more compute)."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel of the LLM (transformers' attn_implementation). 'auto': flash_attention_2 on CUDA when the
+    flash-attn package is installed and the dtype is bf16/fp16, else sdpa; naming one that cannot run is an error."""
     fusion_init: Literal["match_tokens", "default"] = "match_tokens"
     """'match_tokens': Proj_U / Proj_V start rescaled so that the projected CF vectors have the mean norm of the LLM's
     token embeddings (a bare nn.Linear from d = 8..64 lands far from it, 3x on the demo's tiny model); 'default':
@@ -361,6 +364,9 @@ class TrainConfig:
     use lr. New modules trained from scratch next to small LoRA updates often want more (fusion oracle: 3.3x took a
     seed from CTR AUC 0.76 to 0.97 in 1500 steps)."""
     weight_decay: float = 1e-3
+    optimizer: Literal["auto", "torch", "fused"] = "auto"
+    """AdamW implementation. 'auto': DeepSpeed's FusedAdam on CUDA when its kernel loads, else torch's fused AdamW on
+    CUDA, torch's AdamW on CPU; 'torch': torch.optim.AdamW; 'fused': a fused CUDA kernel or an error naming why not."""
     warmup_ratio: float = 0.05
     """Linear warm-up over this fraction of max_steps, then linear decay to 0."""
     max_steps: int = 100
@@ -393,6 +399,10 @@ class TrainConfig:
     learning task never gives share away)."""
     sampler_warmup: int = 20
     """grad_balanced: optimizer steps at the uniform mixture while the statistics are collected."""
+    grad_sketch_dim: int = 1024
+    """k of the seeded CountSketch each task's shared-LoRA gradient is projected to (ckf_dist/train/task_grads.py):
+    the per-step all-reduce is 2 x tasks x k floats whatever the model size; norms and cosines of the task gradients
+    are estimated with a relative error of about sqrt(2 / k) (k = 1024: ~4%)."""
     prefetch: bool = True
     """Build the next step's micro-batches in a background thread while this step computes. The next step's task
     draws then use the mixture as it was one update earlier (lag one); resume is exact either way."""
@@ -427,6 +437,8 @@ class TrainConfig:
         out += _out_of_range(p, self, "> 0", "sampler_temperature")
         out += _out_of_range(p, self, ">= 0", "sampler_alpha")
         out += _out_of_range(p, self, "> 0", "sampler_progress")
+        if not 16 <= self.grad_sketch_dim <= 4096:
+            out.append(f"{p}.grad_sketch_dim must be within [16, 4096], got {self.grad_sketch_dim}")
         return out + _out_of_range(p, self, ">= 0", "sampler_warmup", "eval_every")
 
 

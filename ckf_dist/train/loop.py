@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ckf_dist import comm
 from ckf_dist.cf.export import CFEmbeddings
 from ckf_dist.config import RunConfig
 from ckf_dist.data.collate import Collator, chat_frame
@@ -43,8 +43,8 @@ from ckf_dist.train.deepspeed_utils import make_ds_config
 from ckf_dist.train.health import Heartbeat, StopRequest, is_collective_failure
 from ckf_dist.train.logging import NullLogger, RunLogger
 from ckf_dist.train.resume import ResumeRefused, check_resume, file_fingerprint, tensor_fingerprint
-from ckf_dist.train.sampler import TaskMixture, task_gradient_stats
-from ckf_dist.train.task_grads import TaskGradTracker
+from ckf_dist.train.sampler import TaskMixture
+from ckf_dist.train.task_grads import TaskGradTracker, task_gradient_stats
 
 Validate = Callable[[CKFModel, Any], dict[str, Any]]
 """(model, tokenizer) -> validation metrics; the pipeline passes one that runs eval/ on the valid split."""
@@ -94,7 +94,7 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
                       "text": lambda step: 1.0}[cfg.train.prompts]
     batches = StepBatches(streams, collator, cfg.data.tasks, cfg.train.micro_batch_size, cfg.train.grad_accum,
                           cfg.train.seed, rank, lambda step: variants_for(text_weight_at(step)), cfg.train.prefetch)
-    tracker = TaskGradTracker(ckf)
+    tracker = TaskGradTracker(ckf, dim=cfg.train.grad_sketch_dim, seed=cfg.train.seed, rank=rank)
     logger = RunLogger(run_dir, "ckf") if rank == 0 else NullLogger()
 
     inputs = input_fingerprint(cfg, base_dir, cf)
@@ -103,7 +103,7 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
     if cfg.train.resume == "never":
         if rank == 0 and (moved := set_aside_checkpoints(run_dir)) is not None:
             print(f"[ckf] train.resume=never: the existing checkpoints were moved to {moved}; starting at step 0")
-        dist.barrier()
+        comm.barrier()
     elif (found := agree_on_checkpoint(run_dir, rank, world)) is not None:
         start, run_info["resumes"] = resume_from(found, cfg, inputs, engine, scheduler, batches, mixture, ckf, rank)
         say(f"[ckf] resumed from {found} at step {start}")
@@ -123,6 +123,7 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
             # step, so they were drawn with the mixture one update older (lag one).
             for batch in batches.take(step, mixture.weights, last_step=cfg.train.max_steps - 1):
                 batch = batch.to(engine.device)
+                tracker.watch(batch)
                 out = engine(batch, text_weight=text_weight, loss_norm=cfg.train.loss_norm)
                 engine.backward(out.loss)
                 # DeepSpeed only steps the optimizer at the accumulation boundary. There ZeRO-3 (0.19.8) computes
@@ -135,12 +136,12 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
 
             skipped = bool(getattr(engine.optimizer, "overflow", False))
             sums.bad_params = 0.0 if skipped else float(not local_params_finite(ckf))
-            stats = sums.all_reduce(tracker.get(), world)
+            stats = sums.all_reduce(tracker, world)
             done = step + 1
             grad_norm = engine.get_global_grad_norm()
             failure = guard.assess(done, stats.loss, grad_norm, skipped, stats.bad_params, scheduler.get_last_lr())
             if not skipped:
-                mixture.update(stats.grad_norms[ids], stats.task_loss[ids], present=stats.task_tokens[ids] > 0)
+                mixture.update(stats.grad_signal_sq[ids], stats.task_loss[ids], present=stats.task_tokens[ids] > 0)
 
             progress.update(1)
             progress.set_postfix(loss=f"{stats.loss:.3f}", w_text=f"{text_weight:.2f}")
@@ -234,7 +235,7 @@ def agree_on_checkpoint(run_dir: Path, rank: int, world: int) -> Path | None:
             box[0] = None if found is None else str(found)
         except CheckpointError as err:
             box[1] = str(err)
-    dist.broadcast_object_list(box, src=0)
+    box = comm.broadcast_object(box, src=0)
     if box[1] is not None:
         raise CheckpointError(box[1])
     if box[0] is None:
@@ -277,7 +278,7 @@ def resume_from(path: Path, cfg: RunConfig, inputs: dict[str, str], engine, sche
         group["lr"] = base * factor
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
     bad = torch.tensor([float(not local_params_finite(ckf))])
-    dist.all_reduce(bad)
+    bad = comm.all_reduce(bad)
     if bad.item():
         raise CheckpointError(f"{path}: the loaded parameters are not finite; start fresh (train.resume=never)")
     record = {"time": time.time(), "checkpoint": str(path), "step": steps_done,
@@ -381,19 +382,24 @@ class StepStats:
     task_tokens: torch.Tensor
     """(T,) answer tokens per task."""
     grad_norms: torch.Tensor
-    """(T,) per-sample shared-LoRA gradient norm per task (NaN for absent tasks)."""
+    """(T,) per-sample shared-LoRA gradient norm per task, noise included (NaN for absent tasks)."""
+    grad_signal_sq: torch.Tensor
+    """(T,) unbiased estimate of its square without the noise term (NaN where a half of the task's samples was empty);
+    what the sampler reads."""
     cos: torch.Tensor
     """(T, T) cosines between the task gradients."""
     bad_params: float = 0.0
     """Ranks whose trainable parameters were not finite after the step."""
 
     def task_scalars(self, tasks: list[str], weights: torch.Tensor) -> dict[str, float | None]:
-        """train/loss_<t>, train/grad_norm_<t>, train/mixture_<t>, train/grad_cos_<t>_<u> for the configured tasks."""
+        """train/loss_<t>, train/grad_norm_<t>, train/grad_signal_<t>, train/mixture_<t>, train/grad_cos_<t>_<u> for the
+        configured tasks (grad_signal: the root of the unbiased squared norm, 0 where it came out negative)."""
         ids = [TASK_ID[t] for t in tasks]
         out: dict[str, float | None] = {}
         for i, t in zip(ids, tasks):
             out[f"train/loss_{t}"] = float(self.task_loss[i]) if self.task_tokens[i] > 0 else None
             out[f"train/grad_norm_{t}"] = float(self.grad_norms[i])
+            out[f"train/grad_signal_{t}"] = float(self.grad_signal_sq[i].clamp_min(0).sqrt())
             out[f"train/mixture_{t}"] = float(weights[tasks.index(t)])
             for j, u in zip(ids, tasks):
                 if i < j:
@@ -407,7 +413,6 @@ class StepSums:
 
     loss_sum: torch.Tensor
     tok_sum: torch.Tensor
-    row_sum: torch.Tensor
     total_loss: float
     bad_params: float = 0.0
     """1.0 when this rank's trainable parameters were not finite after the step (summed over ranks)."""
@@ -415,23 +420,26 @@ class StepSums:
     @classmethod
     def zeros(cls) -> StepSums:
         n = len(TASKS)
-        return cls(*(torch.zeros(n, dtype=torch.float64) for _ in range(3)), total_loss=0.0)
+        return cls(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), total_loss=0.0)
 
     def add(self, out, batch, grad_accum: int) -> None:
         self.loss_sum += (out.task_loss.double() * out.task_tokens.double()).cpu()
         self.tok_sum += out.task_tokens.double().cpu()
-        self.row_sum += torch.bincount(batch.task_ids.cpu(), minlength=len(TASKS)).double()
         self.total_loss += float(out.loss.detach()) / grad_accum
 
-    def all_reduce(self, task_grads: torch.Tensor, world: int) -> StepStats:
-        """Sum losses, answer tokens, rows and the per-task shared-LoRA gradients over all ranks."""
+    def all_reduce(self, tracker: TaskGradTracker, world: int) -> StepStats:
+        """Sum losses, answer tokens, and the tracker's (2T, k) gradient sketches and sample counts over all ranks:
+        one all-reduce of 2T (k + 1) + 2T + 2 floats, whatever the model size (ckf_dist/comm.py puts it on the
+        backend's device)."""
         n = len(TASKS)
-        stats = torch.cat([self.loss_sum, self.tok_sum, self.row_sum,
-                           torch.tensor([self.total_loss, self.bad_params], dtype=torch.float64)])
-        dist.all_reduce(stats)
-        task_grads = task_grads.double().cpu()
-        dist.all_reduce(task_grads)
-        task_tokens = stats[n:2 * n]
-        grad_norms, cos = task_gradient_stats(task_grads, task_samples=stats[2 * n:3 * n])
-        return StepStats(loss=float(stats[3 * n]) / world, task_loss=stats[:n] / task_tokens.clamp_min(1),
-                         task_tokens=task_tokens, grad_norms=grad_norms, cos=cos, bad_params=float(stats[3 * n + 1]))
+        sketch, samples = tracker.sketch, tracker.samples
+        flat = torch.cat([self.loss_sum, self.tok_sum, torch.tensor([self.total_loss, self.bad_params],
+                                                                     dtype=torch.float64),
+                          samples.double().cpu(), sketch.double().flatten().cpu()])
+        flat = comm.all_reduce(flat)
+        task_tokens = flat[n:2 * n]
+        g = 2 * n + 2
+        grads = task_gradient_stats(flat[g + samples.numel():].view_as(sketch), flat[g:g + samples.numel()])
+        return StepStats(loss=float(flat[2 * n]) / world, task_loss=flat[:n] / task_tokens.clamp_min(1),
+                         task_tokens=task_tokens, grad_norms=grads["norm"], grad_signal_sq=grads["signal_sq"],
+                         cos=grads["cos"], bad_params=float(flat[2 * n + 1]))

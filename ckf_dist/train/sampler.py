@@ -4,9 +4,14 @@ task's gradient on the shared LoRA and its loss progress.
 Rule (documented; GradNorm's target, acting on the data mixture instead of loss weights, and taking share only
 from tasks that have stopped learning). Once per optimizer step, from all-reduced statistics, so every rank computes
 the same mixture; u = 1/T for T tasks:
-  g_t  = EMA (beta) of the shared-LoRA gradient one SAMPLE of task t contributes (measured in the normal backward
-         pass: task t's share of the gradient divided by its share of the step's samples; the mixture hands out
-         samples, so this is the quantity it controls. Per token instead would starve short-answer tasks, e.g. CTR.)
+  g_t  = sqrt(EMA (beta) of an unbiased estimate of |mu_t|^2), mu_t = the shared-LoRA gradient one SAMPLE of task t
+         contributes in expectation (task t's share of the gradient divided by its share of the step's samples; the
+         mixture hands out samples, so this is the quantity it controls; per token instead would starve short-answer
+         tasks, e.g. CTR). The estimate is <mean of half a, mean of half b> of the task's samples, from the sketches
+         of ckf_dist/train/task_grads.py: the norm of the plain sum would add sigma_t^2 / n_t, so a task with few rows
+         would look as if it pulled harder and drift to the floor for a reason that has nothing to do with learning.
+         The average is taken before the root (the per-step estimate is noisy, even negative); g_t / mean_j g_j is
+         clamped to [1e-2, 1e2] (a task whose mean gradient is lost in noise must not take everything).
   L_t  = EMA (beta) of task t's answer-token loss, S_t = slower EMA (slow_beta) of it, L0_t = mean of its first 5.
   r_t  = (L_t / L0_t) / mean_j (L_j / L0_j)          GradNorm's inverse training rate (> 1: behind the others)
   b_t  = softmax_t((alpha * log r_t - log(g_t / mean_j g_j)) / temperature)
@@ -30,7 +35,7 @@ from typing import Any
 
 import torch
 
-_STATE = ("weights", "g_ema", "l_ema", "l_slow", "l_init", "seen", "steps")
+_STATE = ("weights", "g_ema", "l_ema", "l_slow", "l_init", "seen", "g_seen", "steps")
 
 
 class TaskMixture:
@@ -54,7 +59,7 @@ class TaskMixture:
     Example:
         >>> m = TaskMixture(["ctr", "topk"], "grad_balanced", warmup=0)
         >>> for _ in range(30):
-        ...     m.update(grad_norms=torch.tensor([1.0, 0.01]), losses=torch.tensor([0.7, 0.7]))
+        ...     m.update(grad_sq=torch.tensor([1.0, 1e-4]), losses=torch.tensor([0.7, 0.7]))
         >>> m.weights  # losses flat (plateaued); ctr pulls the shared adapter hard -> topk's share rises
     """
 
@@ -75,25 +80,32 @@ class TaskMixture:
         self.l_slow = torch.zeros(T, dtype=torch.float64)
         self.l_init = torch.zeros(T, dtype=torch.float64)
         self.seen = torch.zeros(T, dtype=torch.long)
+        self.g_seen = torch.zeros(T, dtype=torch.long)
         self.steps = torch.zeros((), dtype=torch.long)
 
-    def update(self, grad_norms: torch.Tensor, losses: torch.Tensor, present: torch.Tensor | None = None) -> None:
+    def update(self, grad_sq: torch.Tensor, losses: torch.Tensor, present: torch.Tensor | None = None) -> None:
         """Fold in one step's per-task statistics (already all-reduced) and recompute the mixture.
 
         Args:
-            grad_norms: (T,) per-sample norm of each task's gradient on the shared LoRA.
+            grad_sq: (T,) unbiased estimate of the squared per-sample gradient norm of each task on the shared LoRA
+                (task_grads.task_gradient_stats' signal_sq); NaN where it could not be estimated this step.
             losses: (T,) each task's mean answer-token loss.
             present: (T,) bool, tasks that had rows this step (others keep their statistics).
         """
-        g, l = grad_norms.double().cpu(), losses.double().cpu()
+        g, l = grad_sq.double().cpu(), losses.double().cpu()
         present = torch.ones_like(g, dtype=torch.bool) if present is None else present.cpu().bool()
-        present &= torch.isfinite(g) & torch.isfinite(l)
+        b, bs = self.beta, self.slow_beta
+        g_new = present & torch.isfinite(g)
+        g_first = g_new & (self.g_seen == 0)
+        self.g_ema[g_first] = g[g_first]
+        g_later = g_new & ~g_first
+        self.g_ema[g_later] = b * self.g_ema[g_later] + (1 - b) * g[g_later]
+        self.g_seen[g_new] += 1
+        present &= torch.isfinite(l)
         first = present & (self.seen == 0)
-        self.g_ema[first], self.l_ema[first], self.l_init[first] = g[first], l[first], l[first]
+        self.l_ema[first], self.l_init[first] = l[first], l[first]
         self.l_slow[first] = l[first]
         later = present & ~first
-        b, bs = self.beta, self.slow_beta
-        self.g_ema[later] = b * self.g_ema[later] + (1 - b) * g[later]
         self.l_ema[later] = b * self.l_ema[later] + (1 - b) * l[later]
         self.l_slow[later] = bs * self.l_slow[later] + (1 - bs) * l[later]
         # The reference loss is the mean of the first few observations (one step is noisy).
@@ -101,7 +113,8 @@ class TaskMixture:
         self.l_init[early] = (self.l_init[early] * self.seen[early] + l[early]) / (self.seen[early] + 1)
         self.seen[present] += 1
         self.steps += 1
-        if self.mode == "grad_balanced" and int(self.steps) > self.warmup and bool((self.seen > 0).all()):
+        if (self.mode == "grad_balanced" and int(self.steps) > self.warmup and bool((self.seen > 0).all())
+                and bool((self.g_seen > 0).all())):
             self.weights = self.balanced_weights()
 
     def learning(self) -> torch.Tensor:
@@ -115,8 +128,9 @@ class TaskMixture:
         u = 1.0 / T
         rate = self.l_ema / self.l_init.clamp_min(eps)
         rate = rate / rate.mean().clamp_min(eps)
-        rel_grad = self.g_ema / self.g_ema.mean().clamp_min(eps)
-        logit = (self.alpha * rate.clamp_min(eps).log() - rel_grad.clamp_min(eps).log()) / self.temperature
+        g = self.g_ema.clamp_min(0.0).sqrt()
+        rel_grad = (g / g.mean().clamp_min(eps)).clamp(1e-2, 1e2)
+        logit = (self.alpha * rate.clamp_min(eps).log() - rel_grad.log()) / self.temperature
         target = torch.softmax(logit, dim=0)
         # Plateaued tasks above their target give the excess away; tasks below it receive, by their deficit.
         give = (1.0 - self.learning()) * (u - target).clamp_min(0.0)
@@ -130,25 +144,9 @@ class TaskMixture:
         return {k: getattr(self, k).clone() for k in _STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if missing := [k for k in _STATE if k not in state]:
+            raise ValueError(f"task mixture state lacks {missing} (written by an older ckf-dist, whose gradient "
+                             f"statistic was biased); resume with train.resume=never")
         for k, v in state.items():
             setattr(self, k, v.clone())
 
-
-def task_gradient_stats(task_grads: torch.Tensor, task_samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradient norm of each task, and the (T, T) cosine matrix between task gradients.
-
-    Args:
-        task_grads: (T, P) each task's share of the (all-reduced) shared-LoRA gradient of the total loss.
-        task_samples: (T,) rows of each task in the step (all ranks).
-
-    Dividing a task's share of the gradient by its share of the samples gives what one more sample of that task
-    adds, independent of how many rows the mixture gave it; tasks absent from the step get NaN.
-    """
-    n = task_samples.double()
-    share = n / n.sum().clamp_min(1)
-    g = task_grads.double()
-    norms = g.norm(dim=1) / share.clamp_min(1e-12)
-    norms[n == 0] = float("nan")
-    unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    cos = unit @ unit.T
-    return norms, cos

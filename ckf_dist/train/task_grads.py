@@ -1,95 +1,224 @@
-"""Per-task shares of the shared-LoRA gradient (MTM), the statistic the gradient-balanced task sampler reads.
+"""Per-task statistics of the shared-LoRA gradient (MTM) at a cost that does not grow with the model: what the
+gradient-balanced task sampler reads and what TensorBoard shows as train/grad_norm_<t> and train/grad_cos_<t>_<u>.
 
-Training statistics, not model code: the tracker attaches forward hooks to the shared adapters of a CKFModel's
-MultiLoRALinear layers from outside, and the model knows nothing of it.
+Each task's share of the shared-LoRA gradient is a vector of the shared adapters' size P (12.6M at 7B, 63M at 70B).
+Reducing it over ranks every step cost T x P floats; here it never exists as a whole. Each shared layer's part of it
+is projected by a fixed, seeded CountSketch R (P -> k, k <= 4096) as soon as the layer's backward produces it, and
+only the (2T, k) sketches are all-reduced. R is linear, so the sketches of all ranks and micro-batches add up to the
+sketch of the step's gradient, and inner products survive in expectation: E<Ra, Rb> = <a, b>, with
+Var <= (|a|^2 |b|^2 + <a, b>^2) / k. From the sketches (`task_gradient_stats`):
+- norms |g_t| with relative error ~ sqrt(1 / (2k)) (k = 1024: 2.2%), cosines with absolute error <~ 1 / sqrt(k);
+- an UNBIASED squared norm of each task's mean per-sample gradient: each task's samples are dealt alternately into
+  two halves (both variants of a prompt in the same half), and <mean of half a, mean of half b> estimates |mu_t|^2
+  without the noise term sigma^2 / n_t that makes |sum| / n_t overstate tasks with few rows.
+
+Where the per-task pieces come from: with h = x_d A^T and z = h B^T, dA = dh^T x_d and dB = dz^T h, so summing over
+the rows of one (task, half) gives its share. A small autograd function on h (saving x_d) and one on z (saving h) see
+dh and dz in the layer's own backward. They save what the LoRA matmuls save anyway (the same tensors) through
+`ctx.save_for_backward`, so activation checkpointing drops and recomputes them like everything else: no layer input
+stays alive past the layer's own backward (an earlier version held x_d and h in Python closures until backward,
+which defeated checkpointing).
+
+Training statistics, not model code: the tracker replaces the `forward` of each shared LoRAAdapter instance from
+outside (module hooks, ZeRO-3's included, still wrap it); the model knows nothing of it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from ckf_dist.model.ckf import CKFModel
-from ckf_dist.model.multi_lora import MultiLoRALinear
+from ckf_dist.model.multi_lora import LoRAAdapter
+
+_PRIME = 2**31 - 1  # Mersenne prime of the 2-universal hash family
+
+
+class CountSketch:
+    """The seeded linear map R: R^P -> R^k, (R g)[b] = sum over i with bucket(i) = b of sign(i) g_i.
+
+    bucket and sign come from 2-universal hashes of the coordinate's index i, computed when needed, so nothing of
+    size P is stored and every rank (and every resumed run) uses the same R.
+
+    Args:
+        dim: k.
+        seed: selects the hash functions.
+
+    Example:
+        >>> cs = CountSketch(256, seed=0)
+        >>> a = torch.randn(1, 10_000)
+        >>> bool(abs(cs(a, 0).square().sum() / a.square().sum() - 1) < 0.3)   # |Ra|^2 ~ |a|^2
+        True
+    """
+
+    CACHE_LIMIT = 1 << 22
+    """Hashes of up to this many coordinates (12 bytes each: 48 MB) are kept between calls; beyond, recomputed (a
+    few integer operations per coordinate, cheap next to the matmul that produced the gradient)."""
+
+    def __init__(self, dim: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.dim = dim
+        self.a1, self.c1, self.a2, self.c2 = (int(v) for v in torch.randint(1, _PRIME, (4,), generator=g))
+        self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached = 0
+
+    def hashes(self, offset: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bucket, sign) of coordinates offset .. offset + n - 1."""
+        key = (offset, n, device)
+        if (hit := self._cache.get(key)) is not None:
+            return hit
+        i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+        bucket = (i * self.a1 + self.c1) % _PRIME % self.dim
+        sign = ((i * self.a2 + self.c2) % _PRIME % 2).to(torch.float32) * 2 - 1
+        if self._cached + n <= self.CACHE_LIMIT:
+            self._cache[key] = (bucket, sign)
+            self._cached += n
+        return bucket, sign
+
+    def __call__(self, values: torch.Tensor, offset: int) -> torch.Tensor:
+        """(G, n) rows of coordinates offset .. offset + n - 1 -> (G, k) sketches."""
+        out = torch.zeros(values.shape[0], self.dim, dtype=torch.float32, device=values.device)
+        return self.add_(out, values, offset)
+
+    def add_(self, out: torch.Tensor, values: torch.Tensor, offset: int) -> torch.Tensor:
+        """out += sketch of `values` ((G, n) or (n,) against out (G, k) or (k,)); returns out."""
+        bucket, sign = self.hashes(offset, values.shape[-1], values.device)
+        return out.index_add_(out.dim() - 1, bucket, values.float() * sign)
+
+
+class _GradTap(torch.autograd.Function):
+    """Identity on `out`; in backward hands (d out, saved input) to the tracker, which adds d(param) = d out^T input
+    per (task, half) group to its sketch."""
+
+    @staticmethod
+    def forward(ctx, out, inp, tracker, offset, groups):
+        ctx.save_for_backward(inp)
+        ctx.tracker, ctx.offset, ctx.groups = tracker, offset, groups
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inp,) = ctx.saved_tensors
+        ctx.tracker._add(ctx.offset, grad, inp, ctx.groups)
+        return grad, None, None, None, None
 
 
 class TaskGradTracker:
-    """Accumulates the shared-LoRA parameter gradient split by the task of each row, (T, P_shared).
+    """Accumulates (2T, k) CountSketches of the shared-LoRA gradient, one per (task, half) group, and the number of
+    samples of each group, over the backward passes since the last `reset`.
 
-    A forward hook on each shared adapter registers tensor hooks on its activations: with h = x_d A^T and
-    z = h B^T, dB = sum_rows dz^T h and dA = sum_rows dh^T x_d, so summing over the rows of task t gives task t's
-    share of the gradient in the same backward pass. The per-task pieces sum to the real `.grad` of the shared
-    parameters (before any data-parallel averaging). Layout along P: for each shared layer in module order, A
-    (r x in) then B (out x r), row-major, i.e. the order of `CKFModel.shared_lora_parameters()`.
+    Layout of the sketched vector: for each shared layer in module order, A (r x in) then B (out x r), row-major, i.e.
+    the order of `CKFModel.shared_lora_parameters()`; group 2t + h is half h of task t (model.tasks order).
 
     Args:
-        model: the CKFModel (possibly wrapped by nothing else: the hooks go on its own layers).
+        model: the CKFModel (its own layers get the taps).
+        dim: k of the sketch.
+        seed: the sketch's hash seed (the same on every rank).
+        rank: this rank; the alternation of samples into halves starts at rank % 2, so a task with one sample per
+            rank still fills both halves when there are two ranks or more.
 
     Example:
-        >>> tracker = TaskGradTracker(model)
+        >>> tracker = TaskGradTracker(model, dim=1024)
+        >>> tracker.reset(); tracker.watch(batch)
         >>> model(batch).loss.backward()
-        >>> tracker.get().sum(0)   # == the flattened shared-LoRA gradients
+        >>> tracker.sketch.sum(0)   # == CountSketch of the flattened shared-LoRA gradients
     """
 
-    def __init__(self, model: CKFModel) -> None:
+    def __init__(self, model: CKFModel, dim: int = 1024, seed: int = 0, rank: int = 0) -> None:
+        self.model = model
         self.num_tasks = len(model.tasks)
+        self.num_groups = 2 * self.num_tasks
+        self.cs = CountSketch(dim, seed)
+        self.rank = rank
         self.enabled = True
         self.size = 0
-        self.buffer: torch.Tensor | None = None
+        self.sketch = torch.zeros(self.num_groups, dim)
+        self.samples = torch.zeros(self.num_groups, dtype=torch.float64)
+        self._rows: tuple[tuple[int, torch.Tensor], ...] | None = None  # (group, row indices) of the micro-batch
+        self._num_rows = 0
+        self._half_of: dict[str, int] = {}
+        self._dealt = [0] * self.num_tasks
         for layer in model.lora_layers.values():
             if layer.shared is not None:
-                hook = functools.partial(self._on_shared_forward, layer, self.size)
-                layer.shared.register_forward_hook(hook)
-                self.size += layer.shared.num_params()
+                adapter = layer.shared
+                adapter.forward = functools.partial(self._tracked_forward, adapter, self.size)
+                self.size += adapter.num_params()
 
     def reset(self) -> None:
-        if self.buffer is not None:
-            self.buffer.zero_()
+        """Start a new optimizer step: empty sketches and counts; samples are dealt into halves afresh."""
+        self.sketch.zero_()
+        self.samples.zero_()
+        self._half_of.clear()
+        self._dealt = [0] * self.num_tasks
 
-    def get(self) -> torch.Tensor:
-        """(T, P_shared) per-task shared-LoRA gradients accumulated since the last reset (this rank's backward
-        passes, scaled as the backward was, e.g. by 1/grad_accum under DeepSpeed; not averaged over ranks)."""
-        if self.buffer is None:
-            return torch.zeros(self.num_tasks, self.size)
-        return self.buffer
+    def watch(self, batch) -> None:
+        """Assign the rows of the micro-batch about to run forward to their (task, half) groups. Rows with the same
+        sample key (the text and CF variants of one prompt) share a half; each task's new samples alternate."""
+        local = self.model.local_task_ids(batch.task_ids.cpu()).tolist()
+        keys = batch.keys or [f"row-{sum(self._dealt)}-{i}" for i in range(len(local))]  # no keys: a row is a sample
+        groups: dict[int, list[int]] = {}
+        for i, (t, key) in enumerate(zip(local, keys)):
+            if key not in self._half_of:
+                self._half_of[key] = (self._dealt[t] + self.rank) % 2
+                self._dealt[t] += 1
+                self.samples[2 * t + self._half_of[key]] += 1
+            groups.setdefault(2 * t + self._half_of[key], []).append(i)
+        # Row indices on the batch's device once per micro-batch, not per layer (no host sync inside backward).
+        dev = batch.task_ids.device
+        self._rows = tuple((g, torch.tensor(rows, dtype=torch.long, device=dev)) for g, rows in sorted(groups.items()))
+        self._num_rows = len(local)
 
-    def _on_shared_forward(self, layer: MultiLoRALinear, offset: int, adapter: nn.Module,
-                           args: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, torch.Tensor]) -> None:
-        h, z = out
-        if not (self.enabled and torch.is_grad_enabled() and z.requires_grad):
-            return
-        routing = layer.router.active()
-        assert routing is not None, "the layer checks its routing before running the shared adapter"
-        task_ids, x_d, h_saved = routing[0], args[0].detach(), h.detach()
-        a_size = adapter.rank * adapter.in_features
-        # dL/dz gives dB = dz^T h; dL/dh gives dA = dh^T x_d. Both hooks only read, never change, the gradient.
-        z.register_hook(lambda g: self._add_rank_out(offset + a_size, task_ids, g, h_saved))
-        h.register_hook(lambda g: self._add_rank_in(offset, task_ids, g, x_d))
+    def _tracked_forward(self, adapter: LoRAAdapter, offset: int, x: torch.Tensor):
+        h = F.linear(x, adapter.lora_A)
+        if not (self.enabled and torch.is_grad_enabled() and self._rows is not None):
+            return h, F.linear(h, adapter.lora_B)
+        if self._num_rows != x.shape[0]:
+            raise ValueError(f"TaskGradTracker.watch got {self._num_rows} rows, the layer {x.shape[0]}: call "
+                             f"watch(batch) with the batch of each forward")
+        h = _GradTap.apply(h, x, self, offset, self._rows)
+        z = F.linear(h, adapter.lora_B)
+        z = _GradTap.apply(z, h, self, offset + adapter.rank * adapter.in_features, self._rows)
+        return h, z
 
-    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        if self.buffer is None or self.buffer.device != like.device:
-            self.buffer = torch.zeros(self.num_tasks, self.size, dtype=torch.float32, device=like.device)
-        return self.buffer
+    @torch.no_grad()
+    def _add(self, offset: int, grad: torch.Tensor, inp: torch.Tensor,
+             groups: tuple[tuple[int, torch.Tensor], ...]) -> None:
+        """sketch[g] += R (grad_g^T inp_g) for the (out x in) parameter block at `offset`; rows of one group only
+        (one matmul per group present: the cost of the layer's own weight gradient, whatever the number of groups)."""
+        o, k = grad.shape[-1], inp.shape[-1]
+        if self.sketch.device != grad.device:
+            self.sketch = self.sketch.to(grad.device)
+        whole = len(groups) == 1  # the common case of a one-task micro-batch: no row copies
+        for g, rows in groups:
+            dg, x = (grad, inp) if whole else (grad[rows], inp[rows])
+            block = dg.reshape(-1, o).float().T @ x.reshape(-1, k).float()  # (o, k) = this group's d(param)
+            self.cs.add_(self.sketch[g], block.reshape(-1), offset)
 
-    def _split_by_task(self, t: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """(B, ..., k) -> (N, T k): each row's values moved into its task's block of k columns, zeros elsewhere."""
-        one_hot = torch.nn.functional.one_hot(task_ids, self.num_tasks).to(torch.float32)  # (B, T)
-        k = t.shape[-1]
-        t = t.reshape(t.shape[0], -1, 1, k).float() * one_hot[:, None, :, None]  # (B, L, T, k)
-        return t.reshape(-1, self.num_tasks * k)
 
-    def _add_rank_out(self, offset: int, task_ids: torch.Tensor, grad_out: torch.Tensor, h: torch.Tensor) -> None:
-        """B-gradient per task: buffer[t, B slot] += dz_t^T h_t, all tasks in one matmul, (out, r) per task."""
-        buf = self._buffer(grad_out)
-        o, k = grad_out.shape[-1], h.shape[-1]
-        g = grad_out.reshape(-1, o).float().T @ self._split_by_task(h, task_ids)  # (out, T r)
-        buf[:, offset:offset + o * k] += g.view(o, self.num_tasks, k).transpose(0, 1).reshape(self.num_tasks, -1)
+def task_gradient_stats(sketch: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-task statistics from the all-reduced (2T, k) half sketches and (2T,) sample counts.
 
-    def _add_rank_in(self, offset: int, task_ids: torch.Tensor, grad_h: torch.Tensor, x: torch.Tensor) -> None:
-        """A-gradient per task: buffer[t, A slot] += dh_t^T x_t, all tasks in one matmul, (r, in) per task."""
-        buf = self._buffer(grad_h)
-        k, i = grad_h.shape[-1], x.shape[-1]
-        g = self._split_by_task(grad_h, task_ids).T @ x.reshape(-1, i).float()  # (T r, in)
-        buf[:, offset:offset + k * i] += g.view(self.num_tasks, k * i)
+    Returns (all (T,) unless noted; NaN where a task, or one of its halves, had no sample):
+        norm: |g_t| / share_t, the norm of task t's share of the step gradient divided by its share of the step's
+            samples: what one more sample of the task adds (biased upward by sigma / sqrt(n_t) for small tasks).
+        signal_sq: an unbiased estimate of the squared norm of the same quantity without the noise term:
+            N^2 <S_a / n_a, S_b / n_b> (N samples in the step). Can be negative for a task whose true mean gradient is
+            smaller than the noise; the sampler averages it over steps before taking the root.
+        cos: (T, T) cosines between the task gradients.
+    """
+    T = sketch.shape[0] // 2
+    s = sketch.double().view(T, 2, -1)
+    n = samples.double().view(T, 2)
+    n_task = n.sum(1)
+    N = n_task.sum().clamp_min(1)
+    total = s.sum(1)  # (T, k)
+    norm = total.norm(dim=1) / (n_task / N).clamp_min(1e-12)
+    norm[n_task == 0] = math.nan
+    means = s / n.clamp_min(1)[..., None]
+    signal_sq = (means[:, 0] * means[:, 1]).sum(1) * N * N
+    signal_sq[(n == 0).any(1)] = math.nan
+    unit = total / total.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return {"norm": norm, "signal_sq": signal_sq, "cos": unit @ unit.T}
