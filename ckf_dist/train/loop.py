@@ -42,6 +42,7 @@ from ckf_dist.train.curriculum import curriculum_weight, variants_for
 from ckf_dist.train.deepspeed_utils import make_ds_config
 from ckf_dist.train.health import Heartbeat, StopRequest, is_collective_failure
 from ckf_dist.train.logging import NullLogger, RunLogger
+from ckf_dist.train.optim import describe_optimizer, make_optimizer
 from ckf_dist.train.resume import ResumeRefused, check_resume, file_fingerprint, tensor_fingerprint
 from ckf_dist.train.sampler import TaskMixture
 from ckf_dist.train.task_grads import TaskGradTracker, task_gradient_stats
@@ -77,7 +78,11 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
     ds_config = make_ds_config(cfg, world, hidden_size_of(base_dir))
     model, tokenizer, _keepalive = build_model(cfg, base_dir, cf.user, cf.item, ds_config)
     groups = model.parameter_groups(cfg.train.lr, cfg.train.lr * cfg.train.fusion_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    from deepspeed.accelerator import get_accelerator
+
+    optimizer = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer,
+                               torch.device(get_accelerator().current_device_name()))
+    say(f"[ckf] optimizer: {describe_optimizer(optimizer)}")
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(cfg)))
