@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.py --dry-run: the GPU machine's one prepared script, run on CPU with tiny shapes (gloo,
 DS_ACCELERATOR=cpu), writes its JSON with every field the GPU run writes.
 
-About 100 s on an idle 2-core machine (its default time box is 115 s); the test gives it 240 s so that a loaded CI
+About 95 s on an idle 2-core machine (its default time box is 150 s); the test gives it 240 s so that a loaded CI
 machine does not cut the sampler runs short (the box is what decides whether a part completes)."""
 
 from __future__ import annotations
