@@ -83,15 +83,20 @@ def now() -> float:
     return time.monotonic()
 
 
-def child_env(dry_run: bool, threads: int | None = None) -> dict[str, str]:
+def child_env(dry_run: bool, threads: int | None = None, check_collectives: bool = True) -> dict[str, str]:
     """Environment of every process this script starts: DeepSpeed's accelerator fixed (cpu in the dry run), the
-    source tree and the carried wheels on PYTHONPATH, no Ray."""
+    source tree and the carried wheels on PYTHONPATH, no Ray; CKF_CHECK_COLLECTIVES=1 (ckf_dist/comm.py names a
+    collective that bypasses it) except where timings are taken."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, DS_ACCELERATOR="cpu" if dry_run else "cuda", CKF_DATA_ENGINE="local",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), *[p for p in paths if p != str(ROOT)]]))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    if check_collectives:
+        env["CKF_CHECK_COLLECTIVES"] = "1"
+    else:
+        env.pop("CKF_CHECK_COLLECTIVES", None)
     return env
 
 
@@ -694,7 +699,8 @@ def run_part(name: str, args: argparse.Namespace, budget: float) -> dict[str, An
     deadline = time.time() + budget - margin  # the child's own stop time; the hard kill follows `margin` later
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--part-out", str(part_out),
            "--deadline", f"{deadline:.1f}", "--work", str(args.work), *passthrough(args)]
-    res = run_timed(cmd, budget, child_env(args.dry_run, threads=None if name == "throughput" else 1),
+    timing = name == "throughput"
+    res = run_timed(cmd, budget, child_env(args.dry_run, threads=None if timing else 1, check_collectives=not timing),
                     log=Path(args.work) / f"part-{name}.log")
     if part_out.is_file():
         out = json.loads(part_out.read_text())

@@ -35,10 +35,13 @@ BF16 = ["train.precision=bf16", "model.dtype=bfloat16"]
 
 def gpu_env(threads: int = 2) -> dict[str, str]:
     """This process's environment for a job on the GPU: CUDA accelerator for DeepSpeed (tests/conftest.py defaults it
-    to cpu), the source tree in front of whatever PYTHONPATH already holds (the carried wheels)."""
+    to cpu), the source tree in front of whatever PYTHONPATH already holds (the carried wheels), the collective
+    check on."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # CKF_CHECK_COLLECTIVES: as in every job the CPU suite launches (ckf_dist/comm.py names a direct call).
     return dict(os.environ, DS_ACCELERATOR="cuda", CKF_DATA_ENGINE="local", TOKENIZERS_PARALLELISM="false",
-                OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(ROOT), *paths]))
+                OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(ROOT), *paths]),
+                CKF_CHECK_COLLECTIVES="1")
 
 
 def train_cmd(overrides: list[str]) -> list[str]:
