@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ckf_dist.netbind import free_port
-from tests.gpu._gpu import requires_cuda
+from ckf_dist.testing.gpu import requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 

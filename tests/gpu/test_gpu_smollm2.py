@@ -12,8 +12,8 @@ import math
 
 import pytest
 
+from ckf_dist.testing.gpu import BF16, failed, requires_cuda, run_train, train_losses
 from ckf_dist.testing.jobs import TINY_FILES
-from tests.gpu._gpu import BF16, failed, requires_cuda, run_train, train_losses
 
 
 def _smollm2_problem() -> str | None:

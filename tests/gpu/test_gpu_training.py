@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.gpu._gpu import (
+from ckf_dist.testing.gpu import (
     BF16,
     GPU_TINY,
     failed,

@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU tests: the CUDA skip, and the main job run on one GPU as one plain process (world size 1,
+"""Shared pieces of the GPU tests (tests/gpu): the CUDA skip, and the main job run on one GPU as one plain process (world size 1,
 NCCL), with the environment a bare GPU machine needs (carried wheels on PYTHONPATH, no Ray: CKF_DATA_ENGINE=local).
 
 The CPU helpers in ckf_dist/testing/jobs.py pin DS_ACCELERATOR=cpu, set PYTHONPATH to the source tree alone (the
@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckf_dist.testing.jobs import TINY
-
-ROOT = Path(__file__).resolve().parents[2]
+from ckf_dist.testing.jobs import ROOT, TINY
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
