@@ -52,6 +52,11 @@ def _build(llm_dir: str):
     return model, tokenizer
 
 
+def _per_task(tracker) -> torch.Tensor:
+    """(T, k) sketch of each task's shared-LoRA gradient (both halves: how samples are dealt depends on the rank)."""
+    return tracker.sketch.view(tracker.num_tasks, 2, -1).sum(1).clone()
+
+
 def _reference(llm_dir: str) -> dict:
     """1 process, no DeepSpeed, the global batch (all four samples) in one step."""
     from ckf_dist.testing.model_samples import collate
@@ -60,10 +65,11 @@ def _reference(llm_dir: str) -> dict:
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     batch = collate(tokenizer, _samples(), variants=("text", "cf"))
-    tracker = TaskGradTracker(model)
+    tracker = TaskGradTracker(model, dim=256)
     losses, first_task_grads = [], None
     for step in range(STEPS):
         tracker.reset()
+        tracker.watch(batch)
         optimizer.zero_grad()
         out = model(batch, text_weight=TEXT_WEIGHT)
         out.loss.backward()
@@ -71,7 +77,7 @@ def _reference(llm_dir: str) -> dict:
         optimizer.step()
         losses.append(float(out.loss))
         if step == 0:
-            first_task_grads = tracker.get().clone()
+            first_task_grads = _per_task(tracker)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return {"losses": losses, "state": state, "task_grads": first_task_grads}
 
@@ -112,12 +118,13 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
     # Every Multi-LoRA layer is a ZeRO-3 leaf: its base weight and all adapters are fetched together.
     assert ckf.lora_layers and all(hasattr(p, "ds_z3_leaf_module") for lyr in ckf.lora_layers.values()
                                    for p in lyr.parameters())
-    tracker = TaskGradTracker(ckf)
+    tracker = TaskGradTracker(ckf, dim=256)
     batch = collate(tokenizer, mine, variants=("text", "cf"))
     assert set(batch.task_ids.tolist()) == ({0, 2} if world == 1 else {2 * rank})  # ctr=0, rating=2
     losses, first_task_grads = [], None
     for step in range(STEPS):
         tracker.reset()
+        tracker.watch(batch)
         out = engine(batch, text_weight=TEXT_WEIGHT)
         engine.backward(out.loss)
         engine.step()
@@ -125,7 +132,7 @@ def _train(rank: int, world: int, llm_dir: str) -> dict:
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
         if step == 0:
-            tg = tracker.get().clone()
+            tg = _per_task(tracker)
             dist.all_reduce(tg)
             first_task_grads = tg / world  # DeepSpeed averages gradients over ranks; so do we
     names = [n for n, p in ckf.named_parameters() if p.requires_grad]
