@@ -9,10 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from ckf_dist.testing.data_files import binary_rows, split_by_position, write_csv
-from ckf_dist.testing.jobs import ROOT, TINY, env, run_job
+from ckf_dist.testing.jobs import ROOT, env
 
 
 def _files(tmp_path: Path, n_users: int = 40) -> list[str]:
@@ -44,18 +42,3 @@ def test_prepare_launcher_checks_a_binary_table_with_given_splits(tmp_path):
     assert outs["local"] == outs["ray"]
     m = json.loads((tmp_path / "local" / "manifest.json").read_text())
     assert m["split"] == "predefined files" and all(m["explicit_negatives"].values())
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_main_job_on_a_binary_table_with_given_splits(tmp_path):
-    files = _files(tmp_path)
-    run = tmp_path / "run"
-    tiny = [o for o in TINY if not o.startswith("data.synthetic.")]
-    res = run_job([f"log.run_dir={run}", *_overrides(tmp_path, files, tmp_path / "data"), "cf.model=bpr",
-                   "train.max_steps=3", "eval.ks=[1,3]", "eval.baselines=[]", *tiny], timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["CKF"]["auc_ctr"] is not None
-    for task in ("ctr", "topk"):
-        assert (run / "adapters" / task / "adapter_config.json").is_file()

@@ -99,7 +99,8 @@ def test_binary_table_with_given_files_runs_end_to_end_with_cf_baseline(tmp_path
                  # All test samples, so that the counts can be read off the files; a CF model that fits its
                  # training pairs (20 epochs, no early stop), so that trained pairs can be told from unseen ones.
                  "eval.max_samples_per_task=0", "cf.epochs=20", "cf.patience=20", "cf.lr=0.03"]
-    res = run_job(overrides, nproc=1, timeout=600)
+    # 2 ranks: the distributed path on given files (a separate 2-rank binary-table job duplicated this one).
+    res = run_job(overrides, nproc=2, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
     # The CF model was trained here, on the train file's positives only.
