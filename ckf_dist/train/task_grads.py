@@ -107,15 +107,15 @@ class _GradTap(torch.autograd.Function):
     per (task, half) group to its sketch."""
 
     @staticmethod
-    def forward(ctx, out, inp, tracker, offset, groups):
+    def forward(ctx, out, inp, tracker, offset, row_group):
         ctx.save_for_backward(inp)
-        ctx.tracker, ctx.offset, ctx.groups = tracker, offset, groups
+        ctx.tracker, ctx.offset, ctx.row_group = tracker, offset, row_group
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
         (inp,) = ctx.saved_tensors
-        ctx.tracker._add(ctx.offset, grad, inp, ctx.groups)
+        ctx.tracker._add(ctx.offset, grad, inp, ctx.row_group)
         return grad, None, None, None, None
 
 
@@ -150,7 +150,7 @@ class TaskGradTracker:
         self.size = 0
         self.sketch = torch.zeros(self.num_groups, dim)
         self.samples = torch.zeros(self.num_groups, dtype=torch.float64)
-        self._rows: tuple[tuple[int, torch.Tensor], ...] | None = None  # (group, row indices) of the micro-batch
+        self._rows: torch.Tensor | None = None  # (B,) group of each row of the micro-batch
         self._num_rows = 0
         self._half_of: dict[str, int] = {}
         self._dealt = [0] * self.num_tasks
@@ -172,16 +172,15 @@ class TaskGradTracker:
         sample key (the text and CF variants of one prompt) share a half; each task's new samples alternate."""
         local = self.model.local_task_ids(batch.task_ids.cpu()).tolist()
         keys = batch.keys or [f"row-{sum(self._dealt)}-{i}" for i in range(len(local))]  # no keys: a row is a sample
-        groups: dict[int, list[int]] = {}
-        for i, (t, key) in enumerate(zip(local, keys)):
+        row_group = []
+        for t, key in zip(local, keys):
             if key not in self._half_of:
                 self._half_of[key] = (self._dealt[t] + self.rank) % 2
                 self._dealt[t] += 1
                 self.samples[2 * t + self._half_of[key]] += 1
-            groups.setdefault(2 * t + self._half_of[key], []).append(i)
-        # Row indices on the batch's device once per micro-batch, not per layer (no host sync inside backward).
-        dev = batch.task_ids.device
-        self._rows = tuple((g, torch.tensor(rows, dtype=torch.long, device=dev)) for g, rows in sorted(groups.items()))
+            row_group.append(2 * t + self._half_of[key])
+        # On the batch's device once per micro-batch, not per layer (no host sync inside backward).
+        self._rows = torch.tensor(row_group, dtype=torch.long, device=batch.task_ids.device)
         self._num_rows = len(local)
 
     def _tracked_forward(self, adapter: LoRAAdapter, offset: int, x: torch.Tensor):
@@ -197,19 +196,17 @@ class TaskGradTracker:
         return h, z
 
     @torch.no_grad()
-    def _add(self, offset: int, grad: torch.Tensor, inp: torch.Tensor,
-             groups: tuple[tuple[int, torch.Tensor], ...]) -> None:
-        """sketch[g] += R (grad_g^T inp_g) for the (out x in) parameter block at `offset`; rows of one group only
-        (one matmul per group present: the cost of the layer's own weight gradient, whatever the number of groups)."""
-        o, k = grad.shape[-1], inp.shape[-1]
+    def _add(self, offset: int, grad: torch.Tensor, inp: torch.Tensor, row_group: torch.Tensor) -> None:
+        """sketch[g] += R (sum over the rows of group g of grad_row^T inp_row) for the (out x in) parameter block at
+        `offset`: one batched matmul over the rows (the FLOPs of the layer's own weight gradient, no row copies), one
+        scatter into the groups, one sketch of the (groups x block) matrix."""
+        B, o, k = grad.shape[0], grad.shape[-1], inp.shape[-1]
+        per_row = torch.bmm(grad.reshape(B, -1, o).transpose(1, 2), inp.reshape(B, -1, k)).reshape(B, o * k)
+        blocks = torch.zeros(self.num_groups, o * k, dtype=torch.float32, device=grad.device)
+        blocks.index_add_(0, row_group, per_row.float())
         if self.sketch.device != grad.device:
             self.sketch = self.sketch.to(grad.device)
-        whole = len(groups) == 1  # the common case of a one-task micro-batch: no row copies
-        for g, rows in groups:
-            dg, x = (grad, inp) if whole else (grad[rows], inp[rows])
-            block = dg.reshape(-1, o).float().T @ x.reshape(-1, k).float()  # (o, k) = this group's d(param)
-            self.cs.add_(self.sketch[g], block.reshape(-1), offset)
-
+        self.cs.add_(self.sketch, blocks, offset)
 
 def task_gradient_stats(sketch: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-task statistics from the all-reduced (2T, k) half sketches and (2T,) sample counts.
