@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
@@ -130,3 +131,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def connect_ray(num_cpus: int, object_store_mb: int, address: str | None = None, worker_logs: bool = True) -> bool:
+    """Join the Ray cluster named by `address` or RAY_ADDRESS (which `ray job submit` sets for the driver), or start
+    a small local Ray on 127.0.0.1; True if this call started Ray (the caller shuts it down).
+
+    An existing cluster is joined with no resource arguments: `ray.init(num_cpus=...)` is refused there ("When
+    connecting to an existing cluster, num_cpus and num_gpus must not be provided"); its size is the cluster's.
+    `worker_logs`: forward the Ray workers' output to this process (Ray Train workers print the training log).
+    Ray Data's progress bars are turned off unless stdout is a terminal (in a job log one bar was re-printed 202 times
+    for a 20-step job).
+    """
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Ray's workers must import ckf_dist even when it runs from a checkout rather than installed; a local Ray's
+    # workers inherit this environment (a cluster ships it through the job's runtime_env / working_dir).
+    root = str(Path(__file__).resolve().parents[1])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p]])
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=worker_logs, configure_logging=False)
+    else:
+        # Loopback only: Ray binds GCS, raylet, agents and workers to the node IP, which is 127.0.0.1 only in its
+        # single-machine mode (read at `import ray`, hence the constant too); the workers' gloo sockets likewise.
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        if (lo := loopback_interface()) is not None:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+                 log_to_driver=worker_logs, configure_logging=False)
+    quiet_ray_data(sys.stdout.isatty())
+    return True
+
+
+def quiet_ray_data(interactive: bool) -> None:
+    """Ray Data progress bars only on a terminal (drivers and Ray Train workers alike)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = interactive
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = interactive

@@ -28,24 +28,13 @@ def run_ray_train(cfg: RunConfig, num_workers: int) -> dict[str, float | None]:
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    import ray
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ckf_dist.netbind import ray_train_torch_config
+    from ckf_dist.netbind import connect_ray, ray_train_torch_config
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            # A local Ray on loopback only (as data/preprocess.py::init_local_ray; RAY_ADDRESS: the cluster's own).
-            from ray._private import ray_constants
-
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers' gloo sockets (Linux's loopback name)
-            ray.init(num_cpus=max(8, num_workers + 2), object_store_memory=512 * 2**20, include_dashboard=False)
+    connect_ray(max(8, num_workers + 2), 512)  # RAY_ADDRESS: the cluster's own resources
     use_gpu = torch.cuda.is_available()
     cfg_dict = cfg.to_dict()
     # Ray workers may run in another working directory: hand them absolute paths.

@@ -338,29 +338,11 @@ def build_samples(table: pa.Table, ctx: BuildContext, engine: str = "ray", num_b
 
 
 def init_local_ray(num_cpus: int, object_store_mb: int) -> bool:
-    """Start a small local Ray unless one is running; True if this call started it (caller shuts it down)."""
-    import ray
+    """Join the Ray cluster of RAY_ADDRESS (resources are the cluster's), or start a small local Ray, unless Ray is
+    running already; True if this call started it (the caller shuts it down). netbind.connect_ray."""
+    from ckf_dist.netbind import connect_ray
 
-    if ray.is_initialized():
-        return False
-    # Ray's workers must import ckf_dist even when it is run from a checkout rather than installed; they
-    # inherit this environment.
-    root = str(Path(__file__).resolve().parents[2])
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if root not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p]])
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if not os.environ.get("RAY_ADDRESS"):
-        # Loopback only: Ray binds GCS, raylet, agents and workers to the node IP, which is 127.0.0.1 only in its
-        # single-machine mode (read at `import ray`, hence the constant too). A cluster (RAY_ADDRESS) is unchanged.
-        from ray._private import ray_constants
-
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return True
+    return connect_ray(num_cpus, object_store_mb, worker_logs=False)
 
 
 # --------------------------------------------------------------------------------------------------
