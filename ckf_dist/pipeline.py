@@ -41,7 +41,7 @@ from ckf_dist.model.hub import is_packaged, resolve_base_model
 from ckf_dist.train.deepspeed_utils import init_distributed
 from ckf_dist.train.export import export_adapters
 from ckf_dist.train.health import StopRequest
-from ckf_dist.train.loop import finetune, seed_everything
+from ckf_dist.train.loop import OnCheckpoint, finetune, seed_everything
 from ckf_dist.train.resume import preflight
 from ckf_dist.train.runlock import RunDirLock
 
@@ -64,8 +64,12 @@ class PreparedData:
     sha256: str
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+def run_pipeline(cfg: RunConfig, on_checkpoint: OnCheckpoint | None = None) -> dict[str, dict[str, Any]]:
     """Run every stage; returns the final metrics (identical on every rank).
+
+    Args:
+        on_checkpoint: called on every rank after each complete fine-tuning checkpoint (the Ray job reports it to
+            Ray Train); the deepspeed, torchrun and Slurm entry points pass none.
 
     Raises:
         RunStopped: a SIGTERM / SIGUSR1 stopped the job at a safe point; rerun to resume.
@@ -77,13 +81,13 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     lock = RunDirLock(run_dir)
     on_rank0_then_all(rank, lock.acquire)
     try:
-        return _run_stages(cfg, rank, world, run_dir, stop)
+        return _run_stages(cfg, rank, world, run_dir, stop, on_checkpoint)
     finally:
         lock.release()
 
 
-def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path,
-                stop: StopRequest) -> dict[str, dict[str, Any]]:
+def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path, stop: StopRequest,
+                on_checkpoint: OnCheckpoint | None) -> dict[str, dict[str, Any]]:
     def stop_point(where: str) -> None:  # collective: every rank stops at the same boundary
         if stop.requested():
             say(f"[ckf] stop requested (SIGTERM/SIGUSR1) {where}: rerun to continue")
@@ -120,7 +124,8 @@ def _run_stages(cfg: RunConfig, rank: int, world: int, run_dir: Path,
     # Validate on the prompts the model is trained towards: text-only prompts for train.prompts='text'.
     variant = trained_variant(cfg)
     tuned = finetune(cfg, base_dir, cf, rank, world,
-                     validate=lambda model, tok: run_eval(cfg, model, tok, "valid", variant, rank, world, limit))
+                     validate=lambda model, tok: run_eval(cfg, model, tok, "valid", variant, rank, world, limit),
+                     on_checkpoint=on_checkpoint)
     if tuned.stopped:  # the loop printed the step and wrote its checkpoint
         raise RunStopped("stopped by a signal during fine-tuning, at a checkpoint")
     export_adapters(tuned, run_dir / "adapters", base_dir, rank)

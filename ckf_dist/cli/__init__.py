@@ -22,6 +22,7 @@ COMMANDS = {
     "prepare": "ckf_dist.cli.prepare",
     "train": "ckf_dist.cli.train",
     "train-cf": "ckf_dist.cli.train_cf",
+    "ray-job": "ckf_dist.cli.ray_job",
     "evaluate": "ckf_dist.cli.evaluate",
     "fetch-model": "ckf_dist.cli.fetch_model",
 }

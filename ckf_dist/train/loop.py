@@ -49,6 +49,8 @@ from ckf_dist.train.task_grads import TaskGradTracker, task_gradient_stats
 
 Validate = Callable[[CKFModel, Any], dict[str, Any]]
 """(model, tokenizer) -> validation metrics; the pipeline passes one that runs eval/ on the valid split."""
+OnCheckpoint = Callable[[Path, int, dict[str, float]], None]
+"""(checkpoint directory, steps done, the step's metrics), on every rank after a complete checkpoint."""
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Finetuned:
 
 
 def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world: int,
-             validate: Validate | None = None) -> Finetuned:
+             validate: Validate | None = None, on_checkpoint: OnCheckpoint | None = None) -> Finetuned:
     """Fine-tune the CKF model on every rank of the current process group (data-parallel under ZeRO-3)."""
     import deepspeed
 
@@ -177,7 +179,9 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps or stopping:
                 rank_state = {"data": batches.state_dict(), "mixture": mixture.state_dict(), "steps_done": done}
                 # The guard above stopped the run if this step left non-finite parameters: none is saved.
-                save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep, run_info=run_info)
+                path = save_checkpoint(engine, done, run_dir, rank_state, cfg.train.ckpt_keep, run_info=run_info)
+                if on_checkpoint is not None:
+                    on_checkpoint(path, done, {"train/loss": stats.loss})
             if stopping:
                 say(f"[ckf] stop requested (SIGTERM/SIGUSR1): checkpoint at step {done} written; rerun to resume")
                 logger.close()
