@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckf_dist.testing.jobs import ROOT, TINY
+from ckf_dist.testing.jobs import ROOT, TINY, kill_group  # noqa: F401 - kill_group: for tests/gpu
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -55,14 +54,6 @@ def start_train(overrides: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(train_cmd(overrides), cwd=ROOT, env=gpu_env(), stdout=out, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def wait_for_file(path: Path, timeout: float, proc: subprocess.Popen) -> None:
