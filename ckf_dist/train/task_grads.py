@@ -151,7 +151,6 @@ class TaskGradTracker:
         self.sketch = torch.zeros(self.num_groups, dim)
         self.samples = torch.zeros(self.num_groups, dtype=torch.float64)
         self._rows: torch.Tensor | None = None  # (B,) group of each row of the micro-batch
-        self._num_rows = 0
         self._half_of: dict[str, int] = {}
         self._dealt = [0] * self.num_tasks
         for layer in model.lora_layers.values():
@@ -181,14 +180,13 @@ class TaskGradTracker:
             row_group.append(2 * t + self._half_of[key])
         # On the batch's device once per micro-batch, not per layer (no host sync inside backward).
         self._rows = torch.tensor(row_group, dtype=torch.long, device=batch.task_ids.device)
-        self._num_rows = len(local)
 
     def _tracked_forward(self, adapter: LoRAAdapter, offset: int, x: torch.Tensor):
         h = F.linear(x, adapter.lora_A)
         if not (self.enabled and torch.is_grad_enabled() and self._rows is not None):
             return h, F.linear(h, adapter.lora_B)
-        if self._num_rows != x.shape[0]:
-            raise ValueError(f"TaskGradTracker.watch got {self._num_rows} rows, the layer {x.shape[0]}: call "
+        if self._rows.shape[0] != x.shape[0]:
+            raise ValueError(f"TaskGradTracker.watch got {self._rows.shape[0]} rows, the layer {x.shape[0]}: call "
                              f"watch(batch) with the batch of each forward")
         h = _GradTap.apply(h, x, self, offset, self._rows)
         z = F.linear(h, adapter.lora_B)
