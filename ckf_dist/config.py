@@ -146,6 +146,15 @@ class DataConfig:
     """Logical CPUs given to a local Ray (more than physical, or data tasks starve on small machines)."""
     ray_object_store_mb: int = 512
     """Object store cap in MiB (small /dev/shm)."""
+    stream: Literal["auto", "local", "ray"] = "auto"
+    """How each training rank reads its prompt samples. 'local': `TaskStream` (data/stream.py), every shard of a task
+    read into the rank's memory, one full permutation per epoch; the single-process path. 'ray': `RayTaskStream`
+    (data/ray_stream.py), the rank's share streamed from the shards through Ray Data in windows of `stream_window`
+    samples (bounded memory, exact resume; needs a running Ray). 'auto': 'ray' where Ray is running (a Ray Train
+    worker, or RAY_ADDRESS set), else 'local'."""
+    stream_window: int = 4096
+    """data.stream=ray: samples per shuffle window, i.e. what one rank holds of one task (about 3 windows at once).
+    Larger mixes better (a window is shuffled as a whole); the order within an epoch is shard-level otherwise."""
     max_skip_frac: float = 0.001
     """Input-loss budget: preparation stops, with the skip summary as the error, when more than this fraction of the
     records of any one input file (ratings, items, metadata, each split file) could not be read (malformed lines,
@@ -175,7 +184,7 @@ class DataConfig:
             out.append(f"{p}.tasks contains 'exp' but {p}.source={self.source!r} has no review text; "
                        f"drop 'exp' or use source 'amazon'/'synthetic'")
         out += _out_of_range(p, self, "> 0", "history_len", "num_candidates", "max_explanation_words", "shard_size",
-                             "ray_num_cpus", "ray_object_store_mb")
+                             "ray_num_cpus", "ray_object_store_mb", "stream_window")
         if self.num_candidates < 2:
             out.append(f"{p}.num_candidates must be >= 2 (target + at least one negative)")
         out += _out_of_range(p, self, ">= 0", "ctr_negatives", "cold_threshold", "k_core", "train_windows_per_user")

@@ -357,7 +357,9 @@ def config_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     # max_skip_frac only decides whether a preparation may finish (a reused one is checked again, prepare_data);
     # allow_truncated changes bytes only when a file is damaged, and is then recorded in the manifest's skips.
-    for k in ("prepared_dir", "ray_num_cpus", "ray_object_store_mb", "max_skip_frac", "allow_truncated"):
+    # stream / stream_window decide how training reads the shards, not what they hold.
+    for k in ("prepared_dir", "ray_num_cpus", "ray_object_store_mb", "max_skip_frac", "allow_truncated", "stream",
+              "stream_window"):
         d.pop(k)
     for k in ("valid_path", "test_path"):  # newer fields: left out while unset, so older manifests stay current
         if d[k] is None:

@@ -1,82 +1,350 @@
-"""Per-rank streams of prompt samples through Ray Data (MTM): the shards of stream.py's `TaskStream`, read with
-`read_webdataset` -> `random_shuffle(seed)` -> `streaming_split(world, equal=True)` or Ray Train's
-`get_dataset_shard`, for jobs whose data should flow through the Ray object store. Same contract as `TaskStream`:
-every rank gets the same number of samples per epoch and ranks are disjoint.
+"""Per-rank streams of prompt samples through Ray Data (data.stream=ray): bounded memory, exact resume.
+
+Same contract as stream.py's `TaskStream` (an infinite iterator of one task's samples, `epoch_size` samples per rank
+per epoch, ranks disjoint, every sample once per epoch across ranks up to the same <= world - 1 padding repeats,
+`state_dict()` / `load_state_dict()` for exact resume), but a rank never holds more than a few windows of its share:
+
+    epoch e:  shards in a seeded order  ->  their rows end to end (N rows, padded to world * E by wrapping round)
+              rank r takes rows [r*E, (r+1)*E)  ->  cut into windows of data.stream_window rows
+              each window shuffled with a seed of (seed, task, split, e, r, window)
+
+Ray Data reads the rows: one `from_items` dataset of (shard, first row, end row) chunks per epoch, a `map_batches`
+that opens the tar and returns the chunk's JSON payloads, consumed in order (`preserve_order` on this dataset only)
+with `iter_batches(prefetch_batches=2)`. Ray's streaming executor reads ahead under its backpressure, and the rank
+holds at most the window being read, the one being assembled and the prefetched blocks (each <= one window).
+
+Why not `streaming_split` / Ray Train's `get_dataset_shard` (which is `streaming_split` inside): (1) its epochs are
+a barrier across all consumers, and our ranks draw their tasks from the mixture independently, so one rank reaches
+the end of a task's epoch while another is still mid-epoch and waits in a collective for the first: a deadlock;
+(2) it hands blocks to whichever consumer asks first, so which rank saw which sample depends on timing, and neither
+a resume nor 2 ranks == 1 rank can be exact. The split here is a pure function of (manifest, seed, epoch, rank,
+world), so the Ray Data path and a rank-local reader of the same chunks (`reader="local"`) give the same samples in
+the same order (tests/integration/test_ray_stream.py checks it).
+
+Order within an epoch: shard-level shuffling plus a window shuffle, not a full permutation: samples of one shard
+(written in key order, i.e. by user) arrive within a window or two of each other. A window of >= shard_size samples
+mixes whole shards; the demo's data fits one window, which is then a full shuffle of the rank's share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import math
+import os
+import sys
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckf_dist.data.schema import PromptSample
-from ckf_dist.data.shards import task_shards
+import numpy as np
+
+from ckf_dist.data.schema import MANIFEST, SPLITS, PromptSample
+from ckf_dist.tasks import TASK_ID
+
+ORDER = "shards+window"
+"""Names the sample order of this stream in its state (TaskStream's is 'permutation'): a checkpoint of one cannot
+resume the other."""
 
 
-def dataset_name(split: str, task: str) -> str:
-    """Name of a (split, task) dataset in Ray Train's `datasets={...}` and `get_dataset_shard(name)`."""
-    return f"{split}_{task}"
+def ray_is_running() -> bool:
+    """A Ray Train worker (or any process already in Ray), or a node told where its cluster is (RAY_ADDRESS)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # not imported: this process is not in Ray (and importing it costs ~1 s)
+    return ray is not None and ray.is_initialized()
 
 
-def ray_dataset(prepared_dir: str | Path, split: str, task: str):
-    """The shards of one split and task as a Ray Dataset (one row per sample, column 'json' = the sample dict).
+def resolve_stream(choice: str) -> str:
+    """data.stream -> 'local' or 'ray' ('auto': 'ray' where Ray is running)."""
+    if choice not in ("auto", "local", "ray"):
+        raise ValueError(f"data.stream={choice!r}; expected 'auto', 'local' or 'ray'")
+    if choice == "auto":
+        return "ray" if ray_is_running() else "local"
+    return choice
 
-    Needs `ray.init()` (or a Ray Train worker). Pass it to `TorchTrainer(datasets={dataset_name(split, task): ds})`.
-    """
+
+def _ensure_ray() -> None:
     import ray
 
-    files = [str(p) for p in task_shards(prepared_dir, split, task)]
-    return ray.data.read_webdataset(files).select_columns(["json"])
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise RuntimeError("data.stream=ray needs a running Ray: run under `ckf-dist ray-job` (Ray Train), or start "
+                           "a cluster (`ray start --head`) and set RAY_ADDRESS for the launcher; data.stream=local "
+                           "reads the shards without Ray")
+    from ckf_dist.netbind import connect_ray
+
+    connect_ray(1, 64, worker_logs=False)  # joins RAY_ADDRESS: the resources are the cluster's
 
 
-def streaming_split_iterators(prepared_dir: str | Path, split: str, task: str, world: int, seed: int,
-                              epoch: int = 0) -> list:
-    """`world` DataIterators over one epoch: a seeded shuffle, then `streaming_split(world, equal=True)`, so each
-    consumer gets the same number of rows (Ray drops at most world - 1 rows to equalise) and they are disjoint."""
-    ds = ray_dataset(prepared_dir, split, task).random_shuffle(seed=seed * 1_000_003 + epoch)
-    return ds.streaming_split(world, equal=True)
+@dataclass(frozen=True)
+class ShardLayout:
+    """The shard files of one (split, task) and the number of samples in each, from the manifest alone (shards hold
+    shard_size samples each but the last; nothing is opened)."""
+
+    files: tuple[Path, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes)
+
+    @classmethod
+    def from_manifest(cls, prepared_dir: str | Path, split: str, task: str) -> ShardLayout:
+        """Raises:
+            FileNotFoundError: no manifest, or a shard it lists is missing.
+            ValueError: the manifest has no shards for (split, task), or its counts do not fit its shard_size.
+        """
+        root = Path(prepared_dir)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {root}; run prepare_data first")
+        man = json.loads(path.read_text())
+        try:
+            names = man["shards"][split][task]
+            count = int(man["counts"][split][task])
+            shard_size = int(man["config"]["shard_size"])
+        except KeyError as e:
+            raise ValueError(f"{path}: no shards for split={split!r} task={task!r} (missing key {e}); run "
+                             f"prepare_data with {task!r} in data.tasks") from None
+        files = tuple(root / n for n in names)
+        if missing := [str(f) for f in files if not f.is_file()]:
+            raise FileNotFoundError(f"{path} lists shard(s) that do not exist: {missing[:3]}"
+                                    f"{' ...' if len(missing) > 3 else ''}; prepare the data again")
+        full = len(files) - 1
+        last = count - full * shard_size
+        if not files or not (0 < last <= shard_size or (count == 0 and len(files) == 1)):
+            raise ValueError(f"{path}: {count} {split}/{task} samples do not fill {len(files)} shard(s) of "
+                             f"shard_size {shard_size}; the manifest does not describe these shards")
+        return cls(files, (shard_size,) * full + (last,) if count else (0,))
 
 
-class RayShardStream:
-    """Infinite sample iterator over a Ray Train dataset shard (`ray.train.get_dataset_shard(name)`).
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [lo, hi) of one shard (file order), part of window `window` of a rank's epoch."""
 
-    Each pass over the shard is one epoch; Ray Train's DataConfig decides the split and the shuffling. Use it
-    inside a Ray Train worker with `TorchTrainer(datasets={dataset_name("train", t): ray_dataset(...)})`.
+    window: int
+    shard: int
+    lo: int
+    hi: int
+
+
+def epoch_chunks(layout: ShardLayout, rank: int, world: int, window: int, shard_order: np.ndarray) -> list[Chunk]:
+    """The chunks a rank reads in one epoch, in reading order: rows [rank*E, (rank+1)*E) of the shards laid end to
+    end in `shard_order` (wrapping round past the end: the padding), cut at shard ends and at window boundaries."""
+    n = layout.num_samples
+    size = math.ceil(n / world)
+    sizes = np.asarray(layout.sizes, dtype=np.int64)[shard_order]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out: list[Chunk] = []
+    pos, end = rank * size, (rank + 1) * size  # positions in the endless repetition of the epoch's rows
+    own = 0  # position within the rank's share
+    while pos < end:
+        q = pos % n
+        k = int(np.searchsorted(starts, q, side="right") - 1)  # index into shard_order
+        take = min(end - pos, int(starts[k + 1]) - q, window - own % window)
+        lo = q - int(starts[k])
+        out.append(Chunk(own // window, int(shard_order[k]), lo, lo + take))
+        pos, own = pos + take, own + take
+    return out
+
+
+def read_chunk_local(path: Path, lo: int, hi: int) -> list[bytes]:
+    """The JSON payloads of rows [lo, hi) of a shard (tar members in file order)."""
+    out: list[bytes] = []
+    with tarfile.open(path, "r") as tar:
+        for n, m in enumerate(tar):
+            if n >= hi:
+                break
+            if not m.isfile() or not m.name.endswith(".json"):
+                raise ValueError(f"{path}: unexpected member {m.name!r}; prompt shards hold only <key>.json files")
+            if n >= lo:
+                f = tar.extractfile(m)
+                assert f is not None
+                out.append(f.read())
+    if len(out) != hi - lo:
+        raise ValueError(f"{path}: has {lo + len(out)} samples, the manifest says at least {hi}; the shard is "
+                         f"truncated or was rewritten: prepare the data again")
+    return out
+
+
+def _read_chunks_batch(batch: dict[str, np.ndarray]) -> Any:
+    """map_batches body (one chunk per batch): the chunk's payloads, tagged with its index for the order check."""
+    import pyarrow as pa
+
+    idx, payloads = [], []
+    for i, path, lo, hi in zip(batch["i"], batch["path"], batch["lo"], batch["hi"]):
+        got = read_chunk_local(Path(str(path)), int(lo), int(hi))
+        idx += [int(i)] * len(got)
+        payloads += got
+    return pa.table({"i": pa.array(idx, pa.int64()), "json": pa.array(payloads, pa.binary())})
+
+
+Reader = Callable[[Sequence[Path], Sequence[Chunk]], Iterator[tuple[int, list[bytes]]]]
+"""(shard files, chunks) -> (chunk index, payloads) for every chunk, in order; may read ahead."""
+
+
+def local_reader(files: Sequence[Path], chunks: Sequence[Chunk]) -> Iterator[tuple[int, list[bytes]]]:
+    """The chunks read in this process, one at a time (the oracle for the Ray Data reader)."""
+    for i, c in enumerate(chunks):
+        yield i, read_chunk_local(files[c.shard], c.lo, c.hi)
+
+
+def ray_reader(files: Sequence[Path], chunks: Sequence[Chunk]) -> Iterator[tuple[int, list[bytes]]]:
+    """The chunks read by Ray Data tasks, streamed back in order."""
+    import ray
+
+    _ensure_ray()
+    if not chunks:
+        return
+    items = [{"i": i, "path": str(files[c.shard]), "lo": c.lo, "hi": c.hi} for i, c in enumerate(chunks)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds.context.execution_options.preserve_order = True  # this dataset's own context copy
+    # A quarter CPU per read: a cluster whose CPUs the training workers hold must still be able to read.
+    ds = ds.map_batches(_read_chunks_batch, batch_size=1, batch_format="numpy", num_cpus=0.25)
+    expect = 0
+    pending: list[bytes] = []
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        idx = table["i"].to_numpy()
+        payloads = table["json"].to_pylist()
+        for j in range(len(idx)):
+            if idx[j] != expect:  # the chunk `expect` is complete (chunks are never empty)
+                if idx[j] != expect + 1:
+                    raise RuntimeError(f"Ray Data returned chunk {idx[j]} after chunk {expect}: rows out of order")
+                yield expect, pending
+                expect, pending = expect + 1, []
+            pending.append(payloads[j])
+    if expect != len(chunks) - 1:
+        raise RuntimeError(f"Ray Data returned {expect + 1} of {len(chunks)} chunks")
+    yield expect, pending
+
+
+READERS: dict[str, Reader] = {"ray": ray_reader, "local": local_reader}
+
+
+class RayTaskStream:
+    """Infinite iterator of one task's samples for one rank, streamed through Ray Data (module docstring).
 
     Args:
-        task: the task whose dataset to read.
-        split: the split (part of the dataset name).
-        iterator: a DataIterator to read instead of `get_dataset_shard` (tests, streaming_split consumers).
+        prepared_dir: the prepared dataset (schema.py layout).
+        split: "train", "valid" or "test".
+        task: one of TASKS.
+        rank, world: this process's rank and the number of ranks.
+        seed: shuffle seed (data.seed).
+        window: samples per shuffle window (data.stream_window).
+        reader: "ray" (Ray Data tasks) or "local" (this process; same samples, same order).
 
     Example:
-        >>> stream = RayShardStream("ctr")  # inside a Ray Train worker
-        >>> sample = next(stream)
+        >>> s = RayTaskStream("runs/demo/data", "train", "ctr", rank=0, world=2, seed=0)
+        >>> sample = next(s); state = s.state_dict()   # {"epoch": 0, "position": 1, ...}
     """
 
-    def __init__(self, task: str, split: str = "train", iterator: Any | None = None) -> None:
-        if iterator is None:
-            import ray.train
-
-            iterator = ray.train.get_dataset_shard(dataset_name(split, task))
-            if iterator is None:
-                raise ValueError(f"Ray Train has no dataset {dataset_name(split, task)!r}; pass "
-                                 f"datasets={{{dataset_name(split, task)!r}: ray_dataset(...)}} to the trainer")
-        self.task, self.split, self._it = task, split, iterator
+    def __init__(self, prepared_dir: str | Path, split: str, task: str, rank: int = 0, world: int = 1,
+                 seed: int = 0, window: int = 4096, reader: str = "ray") -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        if task not in TASK_ID:
+            raise ValueError(f"unknown task {task!r}; expected one of {list(TASK_ID)}")
+        if world <= 0 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world of size {world}")
+        if window <= 0:
+            raise ValueError(f"window must be > 0, got {window}")
+        if reader not in READERS:
+            raise ValueError(f"unknown reader {reader!r}; expected one of {list(READERS)}")
+        self.prepared_dir, self.split, self.task = Path(prepared_dir), split, task
+        self.rank, self.world, self.seed, self.window = rank, world, seed, window
+        self.layout = ShardLayout.from_manifest(prepared_dir, split, task)
+        self.num_samples = self.layout.num_samples
+        if self.num_samples == 0:
+            raise ValueError(f"{prepared_dir}: split {split!r} has no {task!r} samples (see the manifest's counts "
+                             f"and skip report); drop {task!r} from data.tasks")
+        self._read = READERS[reader]
         self.epoch, self.position = 0, 0
-        self._rows: Iterator[dict] | None = None
+        self._windows: Iterator[tuple[int, list[bytes]]] | None = None  # (window index, payloads) of self.epoch
+        self._current: tuple[int, list[bytes], np.ndarray] | None = None  # window index, payloads, order
+        self.rows_read = 0  # payloads handed to this stream by its reader (the memory test reads it)
 
-    def __iter__(self) -> RayShardStream:
+    @property
+    def epoch_size(self) -> int:
+        """Samples per rank per epoch (the same on every rank)."""
+        return math.ceil(self.num_samples / self.world)
+
+    def _rng(self, *more: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, TASK_ID[self.task], SPLITS.index(self.split), *more])
+
+    def chunks(self, epoch: int) -> list[Chunk]:
+        """What this rank reads in `epoch`, in order."""
+        shard_order = self._rng(epoch, 13).permutation(len(self.layout.files))
+        return epoch_chunks(self.layout, self.rank, self.world, self.window, shard_order)
+
+    def _window_iter(self, epoch: int, first: int) -> Iterator[tuple[int, list[bytes]]]:
+        todo = [c for c in self.chunks(epoch) if c.window >= first]
+        need: dict[int, int] = {}  # window -> its rows, so a window is handed over as soon as it is complete
+        for c in todo:
+            need[c.window] = need.get(c.window, 0) + c.hi - c.lo
+        w, rows = first, []
+        for i, payloads in self._read(self.layout.files, todo):
+            if todo[i].window != w:
+                raise RuntimeError(f"{self.task} stream: chunk {i} belongs to window {todo[i].window}, not {w}")
+            self.rows_read += len(payloads)
+            rows += payloads
+            if len(rows) == need[w]:
+                yield w, rows
+                w, rows = w + 1, []
+
+    def __iter__(self) -> RayTaskStream:
         return self
 
     def __next__(self) -> PromptSample:
-        for _ in range(2):
-            if self._rows is None:
-                self._rows = iter(self._it.iter_rows())
-            try:
-                row = next(self._rows)
-                self.position += 1
-                return row["json"]
-            except StopIteration:
-                self._rows, self.epoch, self.position = None, self.epoch + 1, 0
-        raise ValueError(f"Ray dataset shard for {self.task!r} is empty")
+        if self.position >= self.epoch_size:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._drop_reader()
+        w, offset = divmod(self.position, self.window)
+        if self._current is None or self._current[0] != w:
+            if self._windows is None:
+                self._windows = self._window_iter(self.epoch, w)
+            got, payloads = next(self._windows)
+            if got != w:
+                raise RuntimeError(f"{self.task} stream: read window {got}, expected {w}")
+            self._current = (w, payloads, self._rng(self.epoch, self.rank, w, 17).permutation(len(payloads)))
+        payload = self._current[1][self._current[2][offset]]
+        self.position += 1
+        return json.loads(payload)
+
+    def _drop_reader(self) -> None:
+        if self._windows is not None:
+            self._windows.close()  # stops the Ray Data execution behind it
+        self._windows, self._current = None, None
+
+    def close(self) -> None:
+        self._drop_reader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: next() after load_state_dict(state) returns what next() would return now."""
+        return {"epoch": self.epoch, "position": self.position, "task": self.task, "split": self.split,
+                "num_samples": self.num_samples, "world": self.world, "seed": self.seed, "order": ORDER,
+                "window": self.window}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`.
+
+        Raises:
+            ValueError: the state belongs to another stream kind (data.stream), other data, world size, seed or
+                window, where (epoch, position) would point at different samples.
+        """
+        if state.get("order", "permutation") != ORDER:
+            raise ValueError(f"the checkpoint's {state.get('task')!r} stream was written with data.stream=local "
+                             f"(TaskStream's full permutation), this run reads with data.stream=ray: the positions "
+                             f"name other samples; resume with data.stream=local")
+        for k in ("task", "split", "num_samples", "world", "seed", "window"):
+            if k in state and state[k] != getattr(self, k):
+                name = "data.stream_window" if k == "window" else k
+                raise ValueError(f"stream state for {name}={state[k]!r} cannot resume a stream with {name}="
+                                 f"{getattr(self, k)!r} (the data or the job shape changed); start the stream "
+                                 f"fresh or resume with the same data, world size and window")
+        if not 0 <= int(state["position"]) <= self.epoch_size or int(state["epoch"]) < 0:
+            raise ValueError(f"stream state {state} is out of range (epoch_size {self.epoch_size})")
+        self._drop_reader()
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,7 +1,8 @@
 """Per-rank stream of one task's prompt samples for training (MTM): disjoint per rank, reshuffled every epoch.
-Each rank reads its task's WebDataset shards directly (no driver, no Ray, start-up in milliseconds): this is what
-runs under `deepspeed` / `torchrun` / Slurm and under Ray Train (it needs only the shared prepared_dir). The Ray Data
-route to the same shards is ray_stream.py; building batches ahead of the step, with exact resume, is train/batches.py.
+`TaskStream` reads its task's WebDataset shards directly into the rank's memory (no driver, no Ray, start-up in
+milliseconds): the single-process path (data.stream=local), under `deepspeed` / `torchrun` / Slurm without Ray. The
+Ray Data route to the same shards, with bounded memory, is ray_stream.py (data.stream=ray, the default where Ray
+runs); `task_streams` picks one. Building batches ahead of the step, with exact resume, is train/batches.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ckf_dist.config import DataConfig
 from ckf_dist.data.schema import SPLITS, PromptSample
 from ckf_dist.data.shards import read_task_payloads
 from ckf_dist.tasks import TASK_ID
@@ -89,7 +91,7 @@ class TaskStream:
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: next() after load_state_dict(state) returns what next() would return now."""
         return {"epoch": self.epoch, "position": self.position, "task": self.task, "split": self.split,
-                "num_samples": self.num_samples, "world": self.world, "seed": self.seed}
+                "num_samples": self.num_samples, "world": self.world, "seed": self.seed, "order": "permutation"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`.
@@ -98,6 +100,10 @@ class TaskStream:
             ValueError: the state belongs to other data (sample count, task or split differ) or another world
                 size / seed, where (epoch, position) would point at different samples.
         """
+        if state.get("order", "permutation") != "permutation":  # checkpoints before data.stream have no 'order'
+            raise ValueError(f"the checkpoint's {state.get('task')!r} stream was written with data.stream=ray "
+                             f"({state['order']!r} order), this run reads with data.stream=local: the positions "
+                             f"name other samples; resume with data.stream=ray")
         for k in ("task", "split", "num_samples", "world", "seed"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"stream state for {k}={state[k]!r} cannot resume a stream with {k}="
@@ -106,3 +112,14 @@ class TaskStream:
         if not 0 <= int(state["position"]) <= self.epoch_size or int(state["epoch"]) < 0:
             raise ValueError(f"stream state {state} is out of range (epoch_size {self.epoch_size})")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def task_streams(cfg: DataConfig, split: str, rank: int, world: int) -> tuple[str, dict[str, Any]]:
+    """This rank's stream of every task in cfg.tasks, as data.stream chooses; returns ('local' | 'ray', streams)."""
+    from ckf_dist.data.ray_stream import RayTaskStream, resolve_stream
+
+    kind = resolve_stream(cfg.stream)
+    if kind == "ray":
+        return kind, {t: RayTaskStream(cfg.prepared_dir, split, t, rank, world, cfg.seed, cfg.stream_window)
+                      for t in cfg.tasks}
+    return kind, {t: TaskStream(cfg.prepared_dir, split, t, rank, world, cfg.seed) for t in cfg.tasks}

@@ -137,3 +137,6 @@ class StepBatches:
                 self._pending = None
             self._pool.shutdown(wait=True)
             self._pool = None
+        for stream in self.streams.values():  # a Ray Data stream stops its reads
+            if hasattr(stream, "close"):
+                stream.close()

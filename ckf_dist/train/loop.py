@@ -25,7 +25,7 @@ from ckf_dist.cf.export import CFEmbeddings
 from ckf_dist.config import RunConfig
 from ckf_dist.data.collate import Collator, chat_frame
 from ckf_dist.data.schema import manifest_sha256
-from ckf_dist.data.stream import TaskStream
+from ckf_dist.data.stream import task_streams
 from ckf_dist.model.ckf import CKFModel
 from ckf_dist.tasks import TASK_ID, TASKS
 from ckf_dist.train.batches import StepBatches
@@ -92,7 +92,9 @@ def finetune(cfg: RunConfig, base_dir: Path, cf: CFEmbeddings, rank: int, world:
     check_learning_rates(scheduler.base_lrs, cfg)
     collator = Collator(tokenizer, cfg.model.max_length, cfg.data.history_len,
                         chat=chat_frame(tokenizer, cfg.model.chat_template, cfg.model.system_prompt))
-    streams = {t: TaskStream(cfg.data.prepared_dir, "train", t, rank, world, cfg.data.seed) for t in cfg.data.tasks}
+    stream_kind, streams = task_streams(cfg.data, "train", rank, world)
+    say(f"[ckf] data stream: {stream_kind}" + (f" (Ray Data, windows of {cfg.data.stream_window} samples per task)"
+                                               if stream_kind == "ray" else " (TaskStream, shards in memory)"))
     T = cfg.train.curriculum_steps or cfg.train.max_steps
     mixture = TaskMixture(cfg.data.tasks, cfg.train.sampler, cfg.train.sampler_temperature, cfg.train.sampler_floor,
                           progress=cfg.train.sampler_progress, alpha=cfg.train.sampler_alpha,
