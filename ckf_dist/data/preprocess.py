@@ -451,8 +451,9 @@ def prepare_data(cfg: DataConfig, force: bool = False, engine: str | None = None
     Args:
         cfg: the data section.
         force: rebuild even if an up-to-date dataset exists.
-        engine: 'ray' (Ray Data map_batches) or 'local' (the same code in this process, byte-identical output);
-            default: $CKF_DATA_ENGINE, else 'ray'.
+        engine: 'ray' (the distributed pipeline of data/ray_preprocess.py; for inputs it does not read, the
+            steps below with prompts on Ray Data map_batches) or 'local' (everything in this process; byte-identical
+            output); default: $CKF_DATA_ENGINE, else 'ray'.
 
     Raises:
         FileNotFoundError: an input file is missing.
@@ -527,6 +528,13 @@ def _prepare_into(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inpu
                   engine: str) -> dict[str, Any]:
     if cfg.source == "alpaca":
         return _prepare_instructions(cfg, root, fingerprint, inputs)
+    if engine == "ray":  # the distributed pipeline (data/ray_preprocess.py), where the input allows it
+        from ckf_dist.data.ray_preprocess import distributed_unsupported, prepare_distributed
+
+        if (why := distributed_unsupported(cfg)) is None:
+            return prepare_distributed(cfg, root, fingerprint, inputs)
+        print(f"[ckf] prepare: {why}: the interactions are preprocessed in this process, the prompts on Ray Data",
+              flush=True)
     raw_dir = None
     if cfg.source == "synthetic":
         from ckf_dist.data.synthetic import generate_synthetic

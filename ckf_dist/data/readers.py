@@ -438,10 +438,8 @@ def _scale_guess(lo: float, hi: float) -> tuple[float, float]:
     return a, b
 
 
-def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport, allow_truncated: bool = False) -> _TableRows:
-    """The validated rows of one interaction table (see read_table); raises on a bad mapping, bad labels or a rating
-    column on another scale."""
-    names, records = _records(path, skips, allow_truncated)
+def _wanted_columns(path: Path, names: list[str], columns: ColumnMap) -> dict[str, str]:
+    """{field: the file's column} of the mapping; raises when a mapped column is absent."""
     score = ("label", columns.label) if columns.label else ("rating", columns.rating)
     wanted = {"user": columns.user, "item": columns.item, score[0]: score[1], "timestamp": columns.timestamp}
     if columns.review:
@@ -452,26 +450,57 @@ def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport, allow_
         raise ValueError(f"{path}: column mapping names columns that do not exist: "
                          + ", ".join(f"data.columns.{k}={v!r}" for k, v in missing.items())
                          + f"; the file has {names}")
-    rows = _Rows()
-    titles: dict[str, str] = {}
-    labels: Counter[int] = Counter()
-    bad_labels: Counter[str] = Counter()
-    bad_example = ""
-    zero_or_one = other_rating = 0  # a 0/1 label column mapped as data.columns.rating (see below)
-    numeric = out_of_scale = 0  # a rating column on a larger scale than 1-5 (see below)
-    lo, hi = math.inf, -math.inf
+    return wanted
+
+
+@dataclass
+class _Validated:
+    """What the record loop of one interaction table (or one block of it) found; blocks merge in file order
+    (`merge`), and `check_whole_file` then judges the file as a whole (ray_preprocess reads blocks in parallel)."""
+
+    rows: _Rows = field(default_factory=_Rows)
+    titles: dict[str, str] = field(default_factory=dict)
+    labels: Counter[int] = field(default_factory=Counter)
+    bad_labels: Counter[str] = field(default_factory=Counter)
+    bad_example: str = ""
+    zero_or_one: int = 0  # a 0/1 label column mapped as data.columns.rating (see check_whole_file)
+    other_rating: int = 0
+    numeric: int = 0  # a rating column on a larger scale than 1-5 (see check_whole_file)
+    out_of_scale: int = 0
+    lo: float = math.inf
+    hi: float = -math.inf
+
+    def merge(self, other: _Validated) -> None:
+        """Add a later block's counters (its rows are not merged: they stay with the block)."""
+        for k, v in other.titles.items():
+            self.titles.setdefault(k, v)
+        self.labels.update(other.labels)
+        self.bad_labels.update(other.bad_labels)
+        self.bad_example = self.bad_example or other.bad_example
+        self.zero_or_one += other.zero_or_one
+        self.other_rating += other.other_rating
+        self.numeric += other.numeric
+        self.out_of_scale += other.out_of_scale
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+
+
+def _validate_records(records: Iterator[tuple[int, dict[str, object]]], file: str, wanted: dict[str, str],
+                      columns: ColumnMap, skips: SkipReport) -> _Validated:
+    """Validate (line number, record) pairs of one interaction table: kept rows, titles and the counters."""
+    got = _Validated()
+    rows, titles, labels, bad_labels = got.rows, got.titles, got.labels, got.bad_labels
     for lineno, rec in records:
         vals = {k: rec[v] for k, v in wanted.items()}
         text = ",".join(str(v) for v in vals.values())
         review = vals.get("review")
         if review is not None and not isinstance(review, str):
-            skips.add("bad_review_type", path.name, lineno, f"review is {type(review).__name__}", text)
+            skips.add("bad_review_type", file, lineno, f"review is {type(review).__name__}", text)
             continue
         if columns.label:
             lab = _parse_label(vals["label"])
             if lab is None:
                 bad_labels[str(vals["label"])[:20]] += 1
-                bad_example = bad_example or f"line {lineno}: {vals['label']!r}"
+                got.bad_example = got.bad_example or f"line {lineno}: {vals['label']!r}"
                 continue
             labels[lab] += 1
             rating: object = LABEL_RATING[lab]
@@ -479,19 +508,27 @@ def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport, allow_
             rating = vals["rating"]
             lab = _parse_label(rating)
             if lab is not None and not isinstance(rating, bool):
-                zero_or_one += 1
+                got.zero_or_one += 1
             elif _parse_rating(rating) != "bad":
-                other_rating += 1
+                got.other_rating += 1
             if _parse_rating(rating) != "bad":
-                numeric += 1
-                v = float(rating)  # type: ignore[arg-type]
-                lo, hi = min(lo, v), max(hi, v)
-                out_of_scale += v > RATING_MAX  # values below 1 (a 0 = "not rated") are left to the budget
+                got.numeric += 1
+                x = float(rating)  # type: ignore[arg-type]
+                got.lo, got.hi = min(got.lo, x), max(got.hi, x)
+                got.out_of_scale += x > RATING_MAX  # values below 1 (a 0 = "not rated") are left to the budget
         before = len(rows.user)
-        _check_row(rows, skips, path.name, lineno, text, vals["user"], vals["item"], rating,
+        _check_row(rows, skips, file, lineno, text, vals["user"], vals["item"], rating,
                    vals["timestamp"], review or "")
         if len(rows.user) > before and vals.get("title"):
             titles.setdefault(rows.item[-1], " ".join(str(vals["title"]).split()))
+    return got
+
+
+def _check_whole_file(path: Path, columns: ColumnMap, skips: SkipReport, v: _Validated) -> None:
+    """The checks on a whole interaction file's counters: bad labels, 0/1 in the rating column, another scale."""
+    bad_labels, labels, bad_example = v.bad_labels, v.labels, v.bad_example
+    zero_or_one, other_rating, numeric, out_of_scale, lo, hi = (v.zero_or_one, v.other_rating, v.numeric,
+                                                                v.out_of_scale, v.lo, v.hi)
     if bad_labels:
         raise ValueError(f"{path}: column {columns.label!r} (data.columns.label) must hold 0/1 labels; "
                          f"{sum(bad_labels.values())} rows hold other values ({bad_example}; counts "
@@ -512,7 +549,16 @@ def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport, allow_
             f"pipeline reads and would be dropped as out of range (with every value below 1). It looks like a {a:g}-{b:g} scale: rescale the "
             f"column to 1-5 before preparing (r' = 1 + 4 * (r - {a:g}) / {b - a:g}); for 0/1 feedback map it as "
             f"data.columns.label instead")
-    return _TableRows(rows, titles, labels)
+
+
+def _read_interactions(path: Path, columns: ColumnMap, skips: SkipReport, allow_truncated: bool = False) -> _TableRows:
+    """The validated rows of one interaction table (see read_table); raises on a bad mapping, bad labels or a rating
+    column on another scale."""
+    names, records = _records(path, skips, allow_truncated)
+    wanted = _wanted_columns(path, names, columns)
+    v = _validate_records(records, path.name, wanted, columns, skips)
+    _check_whole_file(path, columns, skips, v)
+    return _TableRows(v.rows, v.titles, v.labels)
 
 
 def _read_item_titles(ipath: Path, columns: ColumnMap, skips: SkipReport,
