@@ -1,6 +1,7 @@
 """Data pipeline throughput: preprocessing rows/s (Ray Data vs a single-process pyarrow run of the same code) on
-ML-100K, streaming samples/s (TaskStream, Ray Data, an in-memory pandas baseline), and the share of a training
-step spent waiting for data (goal < 5%), all measured in one run on one machine.
+ML-100K, streaming samples/s (TaskStream, RayTaskStream through Ray Data, an in-memory pandas baseline), and the share
+of a training step spent waiting for data with either stream (data.stream=local / ray; goal < 5%), all measured in one
+run on one machine.
 
     python benchmarks/data_pipeline.py [--config configs/ml100k.yaml] [--steps 30] [overrides...]
 
@@ -56,14 +57,14 @@ def bench_preprocess(cfg, work: Path) -> dict:
 
 
 def bench_streaming(prepared_dir: str, tasks: list[str], n: int) -> dict:
-    """Samples/s of a shuffled pass: TaskStream vs Ray Data (read_webdataset + shuffle) vs pandas in memory."""
+    """Samples/s of a shuffled pass: TaskStream vs RayTaskStream (Ray Data reads, incl. start-up) vs pandas in memory."""
     import numpy as np
     import pandas as pd
     import ray
 
     from ckf_dist.data.preprocess import init_local_ray
     from ckf_dist.data.prompts import load_samples
-    from ckf_dist.data.ray_stream import streaming_split_iterators
+    from ckf_dist.data.ray_stream import RayTaskStream
     from ckf_dist.data.stream import TaskStream
 
     out = {}
@@ -83,14 +84,16 @@ def bench_streaming(prepared_dir: str, tasks: list[str], n: int) -> dict:
 
     init_local_ray(8, 512)
     try:
-        def ray_pass():
-            # One full epoch (an abandoned streaming_split epoch keeps a driver thread polling Ray after shutdown).
-            it = streaming_split_iterators(prepared_dir, "train", tasks[0], world=1, seed=0)[0]
-            return sum(1 for _ in it.iter_rows())
-
-        got, t = timed(ray_pass)
-        out["ray_data_samples_per_s_incl_startup"] = got / t
-        out["ray_data_samples"] = got
+        # RayTaskStream (data.stream=ray): Ray Data tasks read the chunks, this process assembles the windows. Windows
+        # of 256 so that the timed pass reads many of them (the default 4096 would be read once, at start-up).
+        rs = [RayTaskStream(prepared_dir, "train", t, 0, 1, seed=0, window=256) for t in tasks]
+        _, t_first = timed(lambda: [next(r) for r in rs])  # start-up: the first window of every task
+        _, t = timed(lambda: [next(rs[k % len(rs)]) for k in range(n)])
+        for r in rs:
+            r.close()
+        out["ray_data_first_sample_s"] = t_first
+        out["ray_data_samples_per_s"] = n / t
+        out["ray_data_samples"] = n
     finally:
         import gc
 
@@ -100,11 +103,13 @@ def bench_streaming(prepared_dir: str, tasks: list[str], n: int) -> dict:
 
 
 def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int) -> dict:
-    """Time a training loop fed by TaskStreams: data wait (draw + collate) vs the step itself."""
+    """Time a training loop fed by TaskStreams, then by RayTaskStreams: data wait (draw + collate) vs the step."""
     import torch
 
     from ckf_dist.data.collate import Collator
+    from ckf_dist.data.preprocess import init_local_ray
     from ckf_dist.data.prompts import corpus_texts
+    from ckf_dist.data.ray_stream import RayTaskStream
     from ckf_dist.data.stream import TaskStream
     from ckf_dist.model.ckf import build_ckf_model
     from ckf_dist.model.llm import build_tiny_llm, load_llm, load_tokenizer
@@ -130,10 +135,14 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def timed_loop(prefetch: bool) -> tuple[float, float]:
-        """The main loop's data path (train/batches.py StepBatches: mixture draw -> TaskStream -> collate),
+    def timed_loop(prefetch: bool, kind: str = "local") -> tuple[float, float]:
+        """The main loop's data path (train/batches.py StepBatches: mixture draw -> data.stream -> collate),
         synchronous or built one step ahead; returns (seconds blocked on data, seconds in steps) after warm-up."""
-        streams = {t: TaskStream(prepared_dir, "train", t, 0, 1, seed=0) for t in cfg.data.tasks}
+        if kind == "ray":
+            streams = {t: RayTaskStream(prepared_dir, "train", t, 0, 1, seed=0, window=cfg.data.stream_window)
+                       for t in cfg.data.tasks}
+        else:
+            streams = {t: TaskStream(prepared_dir, "train", t, 0, 1, seed=0) for t in cfg.data.tasks}
         batches = StepBatches(streams, collator, cfg.data.tasks, mb, 1, seed=0, rank=0,
                               variants=lambda s: ("text", "cf"), prefetch=prefetch)
         t_wait = t_step = 0.0
@@ -157,6 +166,14 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
 
     sync_wait, sync_step = timed_loop(prefetch=False)
     pre_wait, pre_step = timed_loop(prefetch=True)
+    import ray
+
+    init_local_ray(cfg.data.ray_num_cpus, cfg.data.ray_object_store_mb)
+    try:  # data.stream=ray: the first window of every task is read during the warm-up steps, the rest while training
+        ray_sync_wait, ray_sync_step = timed_loop(prefetch=False, kind="ray")
+        ray_wait, ray_step = timed_loop(prefetch=True, kind="ray")
+    finally:
+        ray.shutdown()
     res = {"steps": steps, "micro_batch": mb, "threads": threads, "stream_ms_per_step": 1000 * t_stream / steps,
            "collate_ms_per_step": 1000 * (sync_wait - t_stream) / steps, "step_ms": 1000 * sync_step / steps,
            "data_wait_fraction_sync": sync_wait / (sync_wait + sync_step),
@@ -164,7 +181,12 @@ def bench_training(cfg, prepared_dir: str, steps: int, work: Path, threads: int)
            "samples_per_s_sync": steps * mb / (sync_wait + sync_step),
            "prefetch_wait_ms_per_step": 1000 * pre_wait / steps, "prefetch_step_ms": 1000 * pre_step / steps,
            "data_wait_fraction_prefetch": pre_wait / (pre_wait + pre_step),
-           "samples_per_s_prefetch": steps * mb / (pre_wait + pre_step)}
+           "samples_per_s_prefetch": steps * mb / (pre_wait + pre_step),
+           "ray_stream_window": cfg.data.stream_window,
+           "ray_data_wait_fraction_sync": ray_sync_wait / (ray_sync_wait + ray_sync_step),
+           "ray_prefetch_wait_ms_per_step": 1000 * ray_wait / steps,
+           "ray_data_wait_fraction_prefetch": ray_wait / (ray_wait + ray_step),
+           "ray_samples_per_s_prefetch": steps * mb / (ray_wait + ray_step)}
     return res
 
 
@@ -210,8 +232,8 @@ def main() -> None:
             result["streaming"] = st
             print(f"streaming: TaskStream {st['taskstream_samples_per_s']:,.0f} samples/s (open "
                   f"{st['taskstream_open_s']:.2f}s) | pandas in-memory baseline {st['pandas_samples_per_s']:,.0f} "
-                  f"samples/s | Ray Data streaming_split {st['ray_data_samples_per_s_incl_startup']:,.0f} samples/s "
-                  f"incl. start-up | ratio TaskStream/pandas = "
+                  f"samples/s | RayTaskStream (Ray Data, windows of 256) {st['ray_data_samples_per_s']:,.0f} samples/s "
+                  f"after {st['ray_data_first_sample_s']:.1f}s to the first sample of each task | ratio TaskStream/pandas = "
                   f"{st['taskstream_samples_per_s'] / st['pandas_samples_per_s']:.2f}x")
         tr = bench_training(cfg, prepared, args.steps, work, args.threads)
         result["training"] = tr
@@ -221,6 +243,11 @@ def main() -> None:
         print(f"training loop (train.prefetch=true, the default): {tr['prefetch_wait_ms_per_step']:.1f} ms wait + {tr['prefetch_step_ms']:.1f} "
               f"ms step -> data wait {100 * tr['data_wait_fraction_prefetch']:.1f}% (goal < 5%), "
               f"{tr['samples_per_s_prefetch']:.1f} samples/s")
+        print(f"training loop, data.stream=ray (RayTaskStream, window {tr['ray_stream_window']}): train.prefetch=false "
+              f"data wait {100 * tr['ray_data_wait_fraction_sync']:.1f}% | train.prefetch=true "
+              f"{tr['ray_prefetch_wait_ms_per_step']:.1f} ms wait per step -> data wait "
+              f"{100 * tr['ray_data_wait_fraction_prefetch']:.1f}% (goal < 5%), "
+              f"{tr['ray_samples_per_s_prefetch']:.1f} samples/s")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

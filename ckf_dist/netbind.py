@@ -175,10 +175,15 @@ def connect_ray(num_cpus: int, object_store_mb: int, address: str | None = None,
 
 
 def quiet_ray_data(interactive: bool) -> None:
-    """Ray Data progress bars only on a terminal (drivers and Ray Train workers alike)."""
+    """Ray Data progress bars only on a terminal (drivers and Ray Train workers alike); off a terminal also no
+    per-dataset INFO lines (a data.stream=ray rank starts one Ray Data read per task and epoch)."""
+    import logging
+
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = interactive
     if hasattr(ctx, "enable_operator_progress_bars"):
         ctx.enable_operator_progress_bars = interactive
+    if not interactive:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -2,7 +2,8 @@
 temp dir and auth token, stopped at the end), `ray job submit --working-dir . -- python launchers/ray_job.py` of
 the demo with 2 workers, the run directory under a storage root. Then the same job with one Ray Train worker killed
 mid-run: Ray Train restarts the workers, the pipeline resumes from the newest complete checkpoint, and the final
-loss equals the uninterrupted run's.
+loss equals the uninterrupted run's. Last, the `deepspeed` launcher on a node of that cluster (RAY_ADDRESS set):
+its ranks stream through the same Ray Data reads and train to the Ray Train run's loss.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ckf_dist.netbind import free_port
-from ckf_dist.testing.jobs import ROOT, TINY, env, last_train_loss, wait_for
+from ckf_dist.testing.jobs import ROOT, TINY, env, last_train_loss, launcher_cmd, wait_for
 
 BIN = Path(sys.executable).parent
 JOB = [*TINY, "train.max_steps=8", "train.ckpt_every=2", "eval.baselines=[]", "train.collective_timeout_s=60"]
@@ -34,7 +35,8 @@ class RayHead:
         # ray start reads RAY_ADDRESS as the cluster to join: not for the head itself.
         start_env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
         self.temp = Path("/tmp") / f"ray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths have a length limit
-        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        self.gcs = free_port()
+        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--include-dashboard=true",
                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -89,6 +91,7 @@ def test_ray_job_submit_runs_the_demo_into_the_storage_root(head, storage):
     assert (storage / "plain-data" / "manifest.json").is_file(), "data.prepared_dir resolved under the storage root"
     assert list((storage / "ray").glob("*/checkpoint_*")), "checkpoints were reported to Ray Train"
     assert out.count("Running Dataset") < 20, "Ray Data progress bars must stay out of a job log"
+    assert "[ckf] data stream: ray" in out, "data.stream=auto streams through Ray Data under Ray Train"
 
 
 @pytest.mark.slow
@@ -116,3 +119,23 @@ def test_a_killed_ray_train_worker_restarts_from_the_newest_checkpoint_to_the_sa
     assert int(pid_file.read_text()) != victim, "rank 1 was restarted (a new process)"
     # Within float noise, as the deepspeed launcher's resume tests (tests/integration/test_resume_failure.py).
     assert abs(last_train_loss(run) - last_train_loss(storage / "plain")) < 1e-5, "resumed to the uninterrupted result"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_deepspeed_launcher_streams_through_ray_to_the_ray_train_result(head, storage):
+    if not (storage / "plain" / "metrics.jsonl").is_file():
+        pytest.skip("needs the Ray Train run of the first test")
+    run = storage / "deepspeed"
+    # The same job as the Ray Train one (same data, CF and seeds; 2 ranks), from the deepspeed launcher. RAY_ADDRESS
+    # names the cluster's GCS, as on a node where `ray start` ran: data.stream=auto then reads through Ray Data.
+    e = dict(head.env, RAY_ADDRESS=f"127.0.0.1:{head.gcs}")
+    res = subprocess.run(launcher_cmd(2, ["--config", "configs/demo.yaml", f"log.run_dir={run}",
+                                          f"data.prepared_dir={storage / 'plain-data'}", *JOB]),
+                         cwd=ROOT, env=e, capture_output=True, text=True, timeout=900, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "[ckf] data stream: ray" in out
+    assert out.count("Running Dataset") < 20, "Ray Data progress bars must stay out of a job log"
+    # Both launchers read the same samples (the split is a function of rank and world, not of who schedules).
+    assert abs(last_train_loss(run) - last_train_loss(storage / "plain")) < 1e-5
