@@ -14,9 +14,9 @@ Stages (every one runs in Ray workers; the interaction rows stay in Ray's object
    uid range (range partitioning), so uid = the partition's offset + its local rank; the item map is the union of
    the partitions' items (one task); each partition then runs preprocess.assign_ids_and_splits and maps its local
    iids to the global ones; n_train and warm/cold flags come with it;
-5. prompts: Ray Data `from_arrow_refs(partitions).map_batches(build_user_samples)` (one batch = one partition =
-   whole users, order preserved), each output block sorted canonically (split, task, uid, n); a task per block
-   counts its samples per (split, task) and collects its prompt notes;
+5. prompts: one task per partition (whole users, in uid order) runs preprocess.build_user_samples and sorts its
+   samples canonically (split, task, uid, n); a task per block counts its samples per (split, task) and collects
+   its prompt notes;
 6. writing: shard boundaries come from the per-block counts (global position // shard_size); writer tasks fetch
    the block slices of their shards and write them with shards.write_tar; the interactions and users Parquet files
    are each written by one task that streams the partitions in uid order in row groups of pyarrow's default
@@ -37,10 +37,12 @@ Limits and deviations:
   items affinity matrix); large inputs are Parquet tables (benchmarks/preprocess_scale.py writes one).
 - Read parallelism is per Parquet row group: a file written as one huge row group is read by one worker (not the
   driver). The item titles file (data.metadata_path) is read on the driver (O(V)).
-- The stages are Ray tasks over Arrow partitions in the object store, except prompt building, which is a Ray Data
-  map_batches as before. Ray Data's own shuffles (groupby / repartition) were not used: the pipeline needs whole
-  users per block in uid-range order and a stable partition across the k-core rounds, and the tasks give both
-  with an exact row order (which the byte-identical oracle needs).
+- The stages are Ray tasks over Arrow tables in Ray's object store (the store Ray Data's blocks live in), not
+  Ray Data Dataset operations. Ray Data's shuffles (groupby / repartition) do not give what the pipeline needs:
+  whole users per block in uid-range order, a partition that stays put across the k-core rounds, and an exact row
+  order (the byte-identical oracle). Prompt building was a Ray Data map_batches over the same partitions
+  (`from_arrow_refs`, preserve_order): 16.2 s against 9.3 s as tasks for the 1M-interaction log of
+  benchmarks/preprocess_scale.py on 2 cores (Ray Data's executor start and scheduling), so it is a task too.
 - Workers write into the output folder: on a cluster it must be on a file system every node sees (the storage
   root of the Ray job).
 """
@@ -51,6 +53,7 @@ import bisect
 import functools
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +98,7 @@ from ckf_dist.data.skips import InputLossError, SkipReport, budget_error
 ROWS_PER_READ = 500_000
 """Rows (whole Parquet row groups) one read task validates."""
 ROWS_PER_PARTITION = 500_000
-"""Target interactions per user-range partition (at least one partition per Ray CPU)."""
+"""Target interactions per user-range partition (at least two partitions per Ray CPU)."""
 USER_SAMPLE_PER_READ = 2000
 """User ids each read block contributes to the partition-boundary sample."""
 PARQUET_ROW_GROUP = 1024 * 1024
@@ -361,11 +364,13 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _read_plan(pf: pq.ParquetFile) -> list[tuple[list[int], int]]:
-    """Row groups grouped into read blocks of about ROWS_PER_READ rows: [(row groups, first row number)]."""
+def _read_plan(pf: pq.ParquetFile, cpus: int) -> list[tuple[list[int], int]]:
+    """Row groups grouped into read blocks of up to ROWS_PER_READ rows, at least 2 per CPU where the row groups
+    allow: [(row groups, first row number)]."""
+    target = min(ROWS_PER_READ, max(1, math.ceil(pf.metadata.num_rows / (2 * cpus))))
     plan, cur, first, n = [], [], 0, 0
     for g in range(pf.metadata.num_row_groups):
-        if cur and n >= ROWS_PER_READ:
+        if cur and n >= target:
             plan.append((cur, first))
             cur, first, n = [], first + n, 0
         cur.append(g)
@@ -397,6 +402,8 @@ def prepare_distributed(cfg: DataConfig, root: Path, fingerprint: dict[str, Any]
 def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     import ray
 
+    clock = _StageClock()
+
     if cfg.source == "synthetic":
         from ckf_dist.data.synthetic import INTERACTIONS_FILE, ITEMS_FILE, generate_synthetic
 
@@ -415,11 +422,12 @@ def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: d
     wanted = _wanted_columns(path, pf.schema_arrow.names, columns)
 
     # 1. read + validate + range-partition by raw user.
-    plan = _read_plan(pf)
+    cpus = _cpus()
+    plan = _read_plan(pf, cpus)
     samples = ray.get([_remote(_user_sample).remote(str(path), g, wanted["user"], USER_SAMPLE_PER_READ)
                        for g, _ in plan])
     users_seen = sorted(u for s in samples for u in s)
-    n_parts = max(1, min(max(_cpus(), math.ceil(pf.metadata.num_rows / ROWS_PER_PARTITION)), len(users_seen)))
+    n_parts = max(1, min(max(2 * cpus, math.ceil(pf.metadata.num_rows / ROWS_PER_PARTITION)), len(users_seen)))
     bounds = sorted({users_seen[len(users_seen) * j // n_parts] for j in range(1, n_parts)})
     reads = [_remote(_read_block, len(bounds) + 2).remote(str(path), g, first, wanted, columns, bounds)
              for g, first in plan]
@@ -442,6 +450,8 @@ def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: d
         raise ValueError(f"data.tasks contains 'exp' but {where} has no review text (for source='table' set "
                          f"data.columns.review); drop 'exp' from data.tasks")
 
+    clock.mark("read")
+
     # 2. dedup per partition.
     deduped = [_remote(_dedup, 2).remote(*[r[j + 1] for r in reads]) for j in range(len(bounds) + 1)]
     parts = [d[0] for d in deduped]
@@ -453,11 +463,14 @@ def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: d
         skips.add("duplicate_interaction", e["file"], e["line"], e["detail"], e["text"], n=sum(r.total for r in reps))
     del reads, deduped
 
+    clock.mark("dedup")
+
     # 3. k-core: count + filter rounds until no user or item is under k.
     if cfg.k_core > 1:
         before = sum(ray.get([_remote(_num_rows).remote(p) for p in parts]))
-        bad_items, filter_users = None, False
+        bad_items, filter_users, rounds_run = None, False, 0
         while True:
+            rounds_run += 1
             rounds = [_remote(_kcore_round, 3).remote(p, cfg.k_core, bad_items, filter_users) for p in parts]
             parts = [r[0] for r in rounds]
             bad_items, n_bad = _remote(_items_under, 2).remote(cfg.k_core, *[r[1] for r in rounds])
@@ -469,6 +482,8 @@ def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: d
             skips.add("k_core_filtered", "interactions", None, f"{cfg.k_core}-core filtering", n=before - after)
         if after == 0:
             raise ValueError(f"{where}: nothing left after {cfg.k_core}-core filtering; lower data.k_core")
+
+        clock.mark(f"k-core ({rounds_run} rounds)")
 
     # 4. ids and the chronological leave-last-out split.
     dropped = [_remote(_drop_short_users, 3).remote(p, 3) for p in parts]
@@ -507,17 +522,22 @@ def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: d
         rel = str(interactions_path(root, sp).relative_to(root))
         writes[rel] = write.remote(str(root / rel), inter_schema, [r[0] for r in ided], code, inter_schema.names)
 
-    # 5. prompts: Ray Data over the partitions (one block = whole users), order preserved.
+    clock.mark("ids")
+
+    # 5. prompts: one task per partition (whole users), blocks in uid order.
     ctx = BuildContext(num_items=len(items), titles=titles_list, tasks=list(cfg.tasks), seed=cfg.seed,
                        history_len=cfg.history_len, like_threshold=cfg.like_threshold,
                        ctr_negatives=cfg.ctr_negatives, num_candidates=cfg.num_candidates,
                        max_explanation_words=cfg.max_explanation_words,
                        train_windows_per_user=cfg.train_windows_per_user, cold_threshold=cfg.cold_threshold)
-    blocks = _build_blocks([r[0] for r in ided], ctx)
+    ctx_ref = ray.put(ctx)  # shipped once, not once per task
+    blocks = [_remote(_build_block).remote(r[0], ctx_ref) for r in ided]
     user_refs = [[r[1]] for r in ided]  # wrapped: resolved in the task only for a block that has notes
     summaries = ray.get([_remote(_block_summary).remote(b, user_refs, uid_starts) for b in blocks])
     for s in summaries:
         skips.merge(s["skips"])
+
+    clock.mark("prompts")
 
     # 6. shard plan from the per-block counts, then the writers.
     counts: dict[str, dict[str, int]] = {}
@@ -554,6 +574,9 @@ def _prepare(cfg: DataConfig, root: Path, fingerprint: dict[str, Any], inputs: d
         if f.is_file() and rel not in files:
             files[rel] = _sha(f)
     files = {rel: files[rel] for rel in sorted(files, key=Path)}  # preprocess.py's order (sorted Paths)
+    clock.mark("write")
+    print(f"[ckf] prepare on Ray: {len(plan)} read blocks, {len(keep)} partitions, {len(blocks)} prompt blocks; "
+          f"{clock}", flush=True)
 
     totals = {k: sum(c[k] for c in counts_by_part) for k in ("train", "valid", "test", "warm", "cold")}
     return {
@@ -581,18 +604,17 @@ def _num_rows(table: pa.Table) -> int:
     return table.num_rows
 
 
-def _build_blocks(partitions: list[Any], ctx: BuildContext) -> list[Any]:
-    """Ray Data map_batches of _build_block over the partitions, output blocks in partition order (refs)."""
-    import ray
+class _StageClock:
+    """Wall seconds per stage, for the one-line summary (stages overlap where Ray runs them concurrently)."""
 
-    data_ctx = ray.data.DataContext.get_current()
-    old = data_ctx.execution_options.preserve_order
-    data_ctx.execution_options.preserve_order = True
-    try:
-        ds = ray.data.from_arrow_refs(partitions)
-        # batch_size=None: one batch = one partition = whole users (a user's full timeline is needed).
-        ds = ds.map_batches(_build_block, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                            zero_copy_batch=True)
-        return list(ds.to_arrow_refs())
-    finally:
-        data_ctx.execution_options.preserve_order = old
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.parts: list[str] = []
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.parts.append(f"{stage} {now - self.t:.1f}s")
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(self.parts)
