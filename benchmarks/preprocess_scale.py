@@ -4,8 +4,10 @@ on synthetic interaction logs of growing size, in one run: rows/s and the peak R
     python benchmarks/preprocess_scale.py [--sizes 1M 10M] [--ray-cpus 2] [--json out.json]
 
 Each (size, engine) runs `prepare_data` in a fresh child process (this script with --child), so the driver's peak
-RSS is that process's own ru_maxrss; a sampler thread in the child also records the peak summed RSS of the Ray
-worker processes (psutil, every 0.5 s). Ray's start-up is inside the timed call, as a user of `ckf-dist prepare`
+RSS is that process's own ru_maxrss. Linux records the parent's RSS at fork into an exec'ed child's ru_maxrss, so
+the log is generated in a child of its own (--gen) and this parent never imports numpy or pyarrow (a first
+version generated it here and charged its ~600 MB to the 10M driver). A sampler thread in the child also records
+the peak summed RSS of the Ray processes (psutil, every 0.5 s). Ray's start-up is inside the timed call, as a user of `ckf-dist prepare`
 sees it. The input is one Parquet table (source='table', written here, outside the measured processes): users with
 a skewed number of interactions (some under the k-core), items drawn by a Zipf-like popularity (so some
 (user, item) pairs repeat: dedup), rows in global time order, row groups of 128k rows, item titles in a metadata
@@ -136,12 +138,16 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the logs and outputs (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gen", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--table", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.gen:
+        print("RESULT " + json.dumps(write_log(Path(args.table), args.gen)), flush=True)
+        return
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="ckf-scale-")
     work = Path(args.work or tmp.name)
@@ -152,7 +158,9 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         table = d / "interactions.parquet"
         t0 = time.perf_counter()
-        log = write_log(table, n)
+        p = subprocess.run([sys.executable, __file__, "--gen", str(n), "--table", str(table)], check=True,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        log = json.loads(p.stdout.split("RESULT ", 1)[1])
         print(f"[{size}] log: {log} written in {time.perf_counter() - t0:.1f}s", flush=True)
         got = {}
         for engine in args.engines:
