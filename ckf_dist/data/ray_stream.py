@@ -8,10 +8,10 @@ per epoch, ranks disjoint, every sample once per epoch across ranks up to the sa
               rank r takes rows [r*E, (r+1)*E)  ->  cut into windows of data.stream_window rows
               each window shuffled with a seed of (seed, task, split, e, r, window)
 
-Ray Data reads the rows: one `from_items` dataset of (shard, first row, end row) chunks per epoch, a `map_batches`
-that opens the tar and returns the chunk's JSON payloads, consumed in order (`preserve_order` on this dataset only)
-with `iter_batches(prefetch_batches=2)`. Ray's streaming executor reads ahead under its backpressure, and the rank
-holds at most the window being read, the one being assembled and the prefetched blocks (each <= one window).
+Ray Data reads the rows: per window, one `from_items` dataset of its (shard, first row, end row) chunks, a
+`map_batches` that opens the tar and returns the chunk's JSON payloads, consumed in order (`preserve_order` on this
+dataset only). The next window is read in a background thread while the current one is used, so a rank holds at most
+two windows per task (plus the one in transit) whatever the size of the split, and the step does not wait for reads.
 
 Why not `streaming_split` / Ray Train's `get_dataset_shard` (which is `streaming_split` inside): (1) its epochs are
 a barrier across all consumers, and our ranks draw their tasks from the mixture independently, so one rank reaches
@@ -33,7 +33,9 @@ import math
 import os
 import sys
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,46 +194,43 @@ def _read_chunks_batch(batch: dict[str, np.ndarray]) -> Any:
     return pa.table({"i": pa.array(idx, pa.int64()), "json": pa.array(payloads, pa.binary())})
 
 
-Reader = Callable[[Sequence[Path], Sequence[Chunk]], Iterator[tuple[int, list[bytes]]]]
-"""(shard files, chunks) -> (chunk index, payloads) for every chunk, in order; may read ahead."""
+Reader = Callable[[Sequence[Path], Sequence[Chunk]], list[bytes]]
+"""(shard files, the chunks of one window) -> the window's payloads, in chunk order."""
 
 
-def local_reader(files: Sequence[Path], chunks: Sequence[Chunk]) -> Iterator[tuple[int, list[bytes]]]:
-    """The chunks read in this process, one at a time (the oracle for the Ray Data reader)."""
-    for i, c in enumerate(chunks):
-        yield i, read_chunk_local(files[c.shard], c.lo, c.hi)
+def local_reader(files: Sequence[Path], chunks: Sequence[Chunk]) -> list[bytes]:
+    """The window read in this process (the oracle for the Ray Data reader)."""
+    return [b for c in chunks for b in read_chunk_local(files[c.shard], c.lo, c.hi)]
 
 
-def ray_reader(files: Sequence[Path], chunks: Sequence[Chunk]) -> Iterator[tuple[int, list[bytes]]]:
-    """The chunks read by Ray Data tasks, streamed back in order."""
+def ray_reader(files: Sequence[Path], chunks: Sequence[Chunk]) -> list[bytes]:
+    """The window read by Ray Data tasks (one per chunk), returned in chunk order.
+
+    One Ray Data execution per window, run to its end, so how far a rank reads ahead is the stream's decision (one
+    window), not the executor's: one dataset over a whole epoch keeps an executor alive for the epoch and reads on
+    under Ray's own backpressure, into the rank's memory as well as the object store.
+    """
     import ray
 
     _ensure_ray()
-    if not chunks:
-        return
     items = [{"i": i, "path": str(files[c.shard]), "lo": c.lo, "hi": c.hi} for i, c in enumerate(chunks)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds.context.execution_options.preserve_order = True  # this dataset's own context copy
     # A quarter CPU per read, so a cluster whose CPUs the training workers hold can still read; at most 2 reads of
     # this stream at once: with fractional CPUs Ray would otherwise start dozens of worker processes (26 on the
-    # ML-100K benchmark: 69 s to the first sample, against 12 s with 2), and read far ahead into the object store.
+    # ML-100K benchmark: 69 s to the first sample, against 12 s with 2).
     ds = ds.map_batches(_read_chunks_batch, batch_size=1, batch_format="numpy", num_cpus=0.25,
-                        compute=ray.data.TaskPoolStrategy(size=2))
-    expect = 0
-    pending: list[bytes] = []
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        idx = table["i"].to_numpy()
-        payloads = table["json"].to_pylist()
-        for j in range(len(idx)):
-            if idx[j] != expect:  # the chunk `expect` is complete (chunks are never empty)
-                if idx[j] != expect + 1:
-                    raise RuntimeError(f"Ray Data returned chunk {idx[j]} after chunk {expect}: rows out of order")
-                yield expect, pending
-                expect, pending = expect + 1, []
-            pending.append(payloads[j])
-    if expect != len(chunks) - 1:
-        raise RuntimeError(f"Ray Data returned {expect + 1} of {len(chunks)} chunks")
-    yield expect, pending
+                        compute=ray.data.TaskPoolStrategy(size=min(2, len(items))))
+    idx: list[int] = []
+    out: list[bytes] = []
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        idx += table["i"].to_pylist()
+        out += table["json"].to_pylist()
+    expect = [i for i, c in enumerate(chunks) for _ in range(c.hi - c.lo)]
+    if idx != expect:
+        raise RuntimeError(f"Ray Data returned {len(idx)} rows of chunks {sorted(set(idx))[:8]} for {len(expect)} "
+                           f"rows of {len(chunks)} chunks, or out of order")
+    return out
 
 
 READERS: dict[str, Reader] = {"ray": ray_reader, "local": local_reader}
@@ -248,6 +247,8 @@ class RayTaskStream:
         seed: shuffle seed (data.seed).
         window: samples per shuffle window (data.stream_window).
         reader: "ray" (Ray Data tasks) or "local" (this process; same samples, same order).
+        read_ahead: read the next window in a background thread while this one is used (so the step does not wait
+            for it); the stream then holds up to two windows, plus the one Ray Data is reading.
 
     Example:
         >>> s = RayTaskStream("runs/demo/data", "train", "ctr", rank=0, world=2, seed=0)
@@ -255,7 +256,7 @@ class RayTaskStream:
     """
 
     def __init__(self, prepared_dir: str | Path, split: str, task: str, rank: int = 0, world: int = 1,
-                 seed: int = 0, window: int = 4096, reader: str = "ray") -> None:
+                 seed: int = 0, window: int = 4096, reader: str = "ray", read_ahead: bool = True) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
         if task not in TASK_ID:
@@ -274,10 +275,15 @@ class RayTaskStream:
             raise ValueError(f"{prepared_dir}: split {split!r} has no {task!r} samples (see the manifest's counts "
                              f"and skip report); drop {task!r} from data.tasks")
         self._read = READERS[reader]
+        if reader == "ray":
+            _ensure_ray()  # here, on the caller's thread (the reads may run on the read-ahead thread)
+        self.read_ahead = read_ahead
         self.epoch, self.position = 0, 0
-        self._windows: Iterator[tuple[int, list[bytes]]] | None = None  # (window index, payloads) of self.epoch
-        self._current: tuple[int, list[bytes], np.ndarray] | None = None  # window index, payloads, order
-        self.rows_read = 0  # payloads handed to this stream by its reader (the memory test reads it)
+        self._current: tuple[int, int, list[bytes], np.ndarray] | None = None  # epoch, window, payloads, order
+        self._ahead: tuple[tuple[int, int], Future] | None = None  # (epoch, window) being read ahead
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.rows_read = 0  # payloads this stream's reads returned (the memory test reads it)
 
     @property
     def epoch_size(self) -> int:
@@ -292,20 +298,28 @@ class RayTaskStream:
         shard_order = self._rng(epoch, 13).permutation(len(self.layout.files))
         return epoch_chunks(self.layout, self.rank, self.world, self.window, shard_order)
 
-    def _window_iter(self, epoch: int, first: int) -> Iterator[tuple[int, list[bytes]]]:
-        todo = [c for c in self.chunks(epoch) if c.window >= first]
-        need: dict[int, int] = {}  # window -> its rows, so a window is handed over as soon as it is complete
-        for c in todo:
-            need[c.window] = need.get(c.window, 0) + c.hi - c.lo
-        w, rows = first, []
-        for i, payloads in self._read(self.layout.files, todo):
-            if todo[i].window != w:
-                raise RuntimeError(f"{self.task} stream: chunk {i} belongs to window {todo[i].window}, not {w}")
+    def _read_window(self, epoch: int, w: int) -> list[bytes]:
+        payloads = self._read(self.layout.files, [c for c in self.chunks(epoch) if c.window == w])
+        with self._lock:
             self.rows_read += len(payloads)
-            rows += payloads
-            if len(rows) == need[w]:
-                yield w, rows
-                w, rows = w + 1, []
+        return payloads
+
+    def _following(self, epoch: int, w: int) -> tuple[int, int]:
+        return (epoch, w + 1) if (w + 1) * self.window < self.epoch_size else (epoch + 1, 0)
+
+    def _window(self, epoch: int, w: int) -> list[bytes]:
+        """Window w of `epoch`: the one read ahead if it is that one, else read now; then start reading the next."""
+        if self._ahead is not None and self._ahead[0] == (epoch, w):
+            payloads = self._ahead[1].result()
+        else:  # first window, or after a resume elsewhere (a stale read ahead finishes unused)
+            payloads = self._read_window(epoch, w)
+        self._ahead = None
+        if self.read_ahead:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"ckf-read-{self.task}")
+            nxt = self._following(epoch, w)
+            self._ahead = (nxt, self._pool.submit(self._read_window, *nxt))
+        return payloads
 
     def __iter__(self) -> RayTaskStream:
         return self
@@ -313,26 +327,23 @@ class RayTaskStream:
     def __next__(self) -> PromptSample:
         if self.position >= self.epoch_size:
             self.epoch, self.position = self.epoch + 1, 0
-            self._drop_reader()
         w, offset = divmod(self.position, self.window)
-        if self._current is None or self._current[0] != w:
-            if self._windows is None:
-                self._windows = self._window_iter(self.epoch, w)
-            got, payloads = next(self._windows)
-            if got != w:
-                raise RuntimeError(f"{self.task} stream: read window {got}, expected {w}")
-            self._current = (w, payloads, self._rng(self.epoch, self.rank, w, 17).permutation(len(payloads)))
-        payload = self._current[1][self._current[2][offset]]
+        if self._current is None or self._current[:2] != (self.epoch, w):
+            self._current = None  # let the old window go before the new one is held
+            payloads = self._window(self.epoch, w)
+            self._current = (self.epoch, w, payloads, self._rng(self.epoch, self.rank, w, 17).permutation(len(payloads)))
+        payload = self._current[2][self._current[3][offset]]
         self.position += 1
         return json.loads(payload)
 
-    def _drop_reader(self) -> None:
-        if self._windows is not None:
-            self._windows.close()  # stops the Ray Data execution behind it
-        self._windows, self._current = None, None
-
     def close(self) -> None:
-        self._drop_reader()
+        """Stop reading ahead and let the windows go (a closed stream reads again if used)."""
+        if self._pool is not None:
+            if self._ahead is not None:
+                self._ahead[1].cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._ahead, self._current = None, None
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: next() after load_state_dict(state) returns what next() would return now."""
@@ -359,5 +370,5 @@ class RayTaskStream:
                                  f"fresh or resume with the same data, world size and window")
         if not 0 <= int(state["position"]) <= self.epoch_size or int(state["epoch"]) < 0:
             raise ValueError(f"stream state {state} is out of range (epoch_size {self.epoch_size})")
-        self._drop_reader()
+        self._current = None  # a read ahead stays: it is used if it is the window the state points into
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -82,12 +82,16 @@ def test_resume_is_exact_across_window_and_epoch_ends(prepared):
 def test_a_rank_reads_at_most_a_window_ahead(prepared):
     from ckf_dist.data.ray_stream import RayTaskStream
 
-    s = RayTaskStream(prepared, "train", "ctr", 0, 1, seed=0, window=8, reader="local")
-    assert s.epoch_size > 40
+    lazy = RayTaskStream(prepared, "train", "ctr", 0, 1, seed=0, window=8, reader="local", read_ahead=False)
+    ahead = RayTaskStream(prepared, "train", "ctr", 0, 1, seed=0, window=8, reader="local")
+    assert lazy.epoch_size > 48
     for k in range(1, 41):
-        next(s)
-        assert s.rows_read == -(-k // 8) * 8  # exactly the windows begun, nothing of the next
-    assert s._current is not None and len(s._current[1]) <= 8
+        assert next(lazy) == next(ahead)
+        assert lazy.rows_read == -(-k // 8) * 8  # exactly the windows begun, nothing of the next
+        ahead._ahead[1].result()
+        assert ahead.rows_read == (-(-k // 8) + 1) * 8  # ...and, reading ahead, the next window
+    assert len(ahead._current[2]) <= 8
+    ahead.close()
 
 
 def test_states_of_the_other_stream_kind_or_shape_are_refused(prepared):
@@ -117,9 +121,8 @@ def test_stream_choice_and_manifest_errors(prepared, tmp_path, monkeypatch):
     assert resolve_stream("local") == "local" and resolve_stream("ray") == "ray"
     kind, streams = task_streams(DataConfig(prepared_dir=prepared, tasks=["ctr"], stream="auto"), "train", 0, 1)
     assert kind == "local" and isinstance(streams["ctr"], TaskStream)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    kind, streams = task_streams(DataConfig(prepared_dir=prepared, tasks=["ctr"], stream="auto"), "train", 0, 1)
-    assert kind == "ray" and isinstance(streams["ctr"], RayTaskStream)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a node of a Ray cluster (Ray Train workers: test_data_ray_train)
+    assert resolve_stream("auto") == "ray"
 
     broken = tmp_path / "data"
     shutil.copytree(prepared, broken)
