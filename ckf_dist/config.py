@@ -153,8 +153,8 @@ class DataConfig:
     samples (bounded memory, exact resume; needs a running Ray). 'auto': 'ray' where Ray is running (a Ray Train
     worker, or RAY_ADDRESS set), else 'local'."""
     stream_window: int = 4096
-    """data.stream=ray: samples per shuffle window, i.e. what one rank holds of one task (about 3 windows at once).
-    Larger mixes better (a window is shuffled as a whole); the order within an epoch is shard-level otherwise."""
+    """data.stream=ray: samples per shuffle window; a rank holds at most two windows of each task (the one in use and
+    the one read ahead). Larger mixes better (a window is shuffled as a whole); the order is shard-level otherwise."""
     max_skip_frac: float = 0.001
     """Input-loss budget: preparation stops, with the skip summary as the error, when more than this fraction of the
     records of any one input file (ratings, items, metadata, each split file) could not be read (malformed lines,
