@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from ckf_dist.data.schema import MANIFEST, SPLITS, PromptSample
+from ckf_dist.data.stream import check_stream_args
 from ckf_dist.tasks import TASK_ID
 
 ORDER = "shards+window"
@@ -257,12 +258,7 @@ class RayTaskStream:
 
     def __init__(self, prepared_dir: str | Path, split: str, task: str, rank: int = 0, world: int = 1,
                  seed: int = 0, window: int = 4096, reader: str = "ray", read_ahead: bool = True) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        if task not in TASK_ID:
-            raise ValueError(f"unknown task {task!r}; expected one of {list(TASK_ID)}")
-        if world <= 0 or not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside world of size {world}")
+        check_stream_args(split, task, rank, world)
         if window <= 0:
             raise ValueError(f"window must be > 0, got {window}")
         if reader not in READERS:

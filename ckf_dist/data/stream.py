@@ -20,6 +20,16 @@ from ckf_dist.data.shards import read_task_payloads
 from ckf_dist.tasks import TASK_ID
 
 
+def check_stream_args(split: str, task: str, rank: int, world: int) -> None:
+    """The arguments every task stream (TaskStream, ray_stream.RayTaskStream) takes, checked alike."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    if task not in TASK_ID:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASK_ID)}")
+    if world <= 0 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world of size {world}")
+
+
 class TaskStream:
     """Infinite iterator of one task's samples for one rank, epoch after epoch.
 
@@ -44,12 +54,7 @@ class TaskStream:
 
     def __init__(self, prepared_dir: str | Path, split: str, task: str, rank: int = 0, world: int = 1,
                  seed: int = 0) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        if task not in TASK_ID:
-            raise ValueError(f"unknown task {task!r}; expected one of {list(TASK_ID)}")
-        if world <= 0 or not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside world of size {world}")
+        check_stream_args(split, task, rank, world)
         self.prepared_dir, self.split, self.task = Path(prepared_dir), split, task
         self.rank, self.world, self.seed = rank, world, seed
         self._payloads = read_task_payloads(prepared_dir, split, task)  # canonical (key) order on every rank
