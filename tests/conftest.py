@@ -64,3 +64,16 @@ def tiny_llm(tiny_llm_dir, tiny_tokenizer):
     from ckf_dist.model.llm import load_llm
 
     return load_llm(tiny_llm_dir, "float32", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray for one test module (Ray Data preprocessing and streams), shut down after it."""
+    import ray
+
+    from ckf_dist.data.preprocess import init_local_ray
+
+    started = init_local_ray(num_cpus=4, object_store_mb=300)
+    yield
+    if started:
+        ray.shutdown()

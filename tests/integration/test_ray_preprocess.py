@@ -12,18 +12,6 @@ import pytest
 from ckf_dist.config import ColumnMap, DataConfig, SyntheticConfig
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from ckf_dist.data.preprocess import init_local_ray
-
-    started = init_local_ray(num_cpus=4, object_store_mb=300)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _both(tmp_path, **cfg_kw) -> tuple[dict, dict]:
     from ckf_dist.data.preprocess import prepare_data
 

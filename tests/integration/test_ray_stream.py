@@ -10,18 +10,6 @@ from ckf_dist.config import DataConfig, SyntheticConfig
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from ckf_dist.data.preprocess import init_local_ray
-
-    started = init_local_ray(num_cpus=4, object_store_mb=200)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
     from ckf_dist.data.preprocess import prepare_data
 
